@@ -1,0 +1,73 @@
+"""`rotaq eval` and `rotaq outliers`: score a model on held-out text, and measure activation outliers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eval.metrics import EvalResult, evaluate
+from eval.outliers import collect_linear_input_stats, outlier_table, summarize
+from eval.plots import plot_outliers
+from eval.tables import write_table
+from pipeline.atomic import write_json_atomic
+from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from pipeline.errors import RotaqError
+from pipeline.loading import LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str | None
+    data: DataSpec = DataSpec()
+    reference: str | None = None
+    batch_size: int = 4
+    progress: bool = True
+
+
+def run_eval(options: EvalOptions) -> dict[str, Any]:
+    """Perplexity on the evaluation split; with a reference, also KL divergence and top-1 agreement."""
+    loaded = load_model(options.model)
+    windows = load_split_windows(options.data, loaded.tokenizer, "evaluation")
+    reference = load_model(options.reference).model if options.reference else None
+    result: EvalResult = evaluate(loaded.model, windows, reference=reference, batch_size=options.batch_size,
+                                  progress=options.progress)
+    return {"model": options.model or "default", "reference": options.reference, "data": options.data.source or "default",
+            "split": "evaluation", "windows_sha256": windows_fingerprint(windows), **result.to_dict()}
+
+
+@dataclass(frozen=True)
+class OutlierOptions:
+    model: str | None
+    out: Path
+    before: str | None = None
+    data: DataSpec = DataSpec(max_tokens=4096)
+    progress: bool = True
+
+
+def source_reference(loaded: LoadedModel) -> str | None:
+    """The `--model` value that loads the model a stage folder was made from, if it is on disk or a hub id."""
+    origin = (loaded.source.get("origin") or {}) if loaded.source.get("kind") == "artifact" else loaded.source
+    while origin.get("kind") == "artifact":
+        origin = origin.get("origin") or {}
+    return origin.get("path") or origin.get("id")
+
+
+def run_outliers(options: OutlierOptions) -> dict[str, Any]:
+    """Peak-to-RMS and kurtosis of every linear layer's input, before and after rotation: table + PNG."""
+    loaded = load_model(options.model)
+    before_spec = options.before or source_reference(loaded)
+    if before_spec is None:
+        raise RotaqError("cannot tell which model came before this one; pass --before")
+    windows = load_split_windows(options.data, loaded.tokenizer, "calibration")
+    after_stats = collect_linear_input_stats(loaded.model, windows, progress=options.progress)
+    before_stats = collect_linear_input_stats(load_model(before_spec).model, windows, progress=options.progress)
+    rows = outlier_table(before_stats, after_stats)
+    out = Path(options.out)
+    write_table(rows, out / "outliers")
+    plot_outliers(before_stats, after_stats, out / "outliers.png", title=f"Linear-layer inputs: {before_spec} vs rotated")
+    summary = {"model": options.model, "before": before_spec, "windows": int(windows.shape[0]),
+               "seq_len": int(windows.shape[1]), "before_summary": summarize(before_stats),
+               "after_summary": summarize(after_stats)}
+    write_json_atomic(out / "outliers_summary.json", summary)
+    return summary

@@ -1,0 +1,118 @@
+"""Result tables written three ways: Markdown for people, CSV and JSON for tools.
+
+Markdown cells are formatted for reading (floats to 4 significant digits unless `formats` says
+otherwise); CSV and JSON keep full precision. Every file is written atomically so an interrupted run
+never leaves a half-written table that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write
+from pipeline.errors import RotaqError
+
+Format = str | Callable[[Any], str]
+"""A format spec for `format()` (e.g. ".2f", ".3e", ",d") or a function from value to cell text."""
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    formats: Mapping[str, Format] | None = None,
+) -> str:
+    """GitHub Markdown table; numeric columns are right-aligned, missing values left blank."""
+    columns = _columns(rows, columns)
+    formats = formats or {}
+    cells = [[_escape(_format_cell(row.get(col), formats.get(col))) for col in columns] for row in rows]
+    align = ["---:" if _is_numeric_column(rows, col) else "---" for col in columns]
+    lines = [_md_line([_escape(col) for col in columns]), _md_line(align)]
+    lines += [_md_line(line) for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(
+    rows: Sequence[Mapping[str, Any]],
+    path_stem: Path,
+    columns: Sequence[str] | None = None,
+    formats: Mapping[str, Format] | None = None,
+) -> dict[str, Path]:
+    """Write `stem.md`, `stem.csv` and `stem.json`; returns their paths keyed by extension."""
+    columns = _columns(rows, columns)
+    path_stem = Path(path_stem)
+    paths = {ext: path_stem.with_name(f"{path_stem.name}.{ext}") for ext in ("md", "csv", "json")}
+    atomic_write(paths["md"], markdown_table(rows, columns, formats))
+    atomic_write(paths["csv"], _csv_text(rows, columns))
+    atomic_write(paths["json"], _json_text(rows, columns))
+    return paths
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
+    """Given columns, or every key in first-seen order."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    if not columns:
+        raise RotaqError("a table needs at least one column (no columns given and no rows to take them from)")
+    return list(columns)
+
+
+def _plain(value: Any) -> Any:
+    """numpy and 0-d torch scalars as Python numbers, so they format and serialize like them."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
+
+
+def _format_cell(value: Any, fmt: Format | None) -> str:
+    """Cell text for Markdown: explicit format, else a sensible default per type."""
+    value = _plain(value)
+    if value is None:
+        return ""
+    if callable(fmt):
+        return fmt(value)
+    if fmt is not None:
+        return format(value, fmt)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _is_numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+    """True when every present value is a number (bools excluded), so the column reads right-aligned."""
+    values = [_plain(row.get(column)) for row in rows]
+    present = [v for v in values if v is not None]
+    return bool(present) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
+
+
+def _escape(text: str) -> str:
+    """Keep a cell on one line and its pipes from splitting the row."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """CSV with a header row; full-precision numbers, blank for missing."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if (v := _plain(row.get(col))) is None else v for col in columns])
+    return buffer.getvalue()
+
+
+def _json_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """JSON list of row objects; NaN/inf become null because JSON has no spelling for them."""
+    records = [{col: _json_value(row.get(col)) for col in columns} for row in rows]
+    return json.dumps(records, indent=2, allow_nan=False, default=str) + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    value = _plain(value)
+    return None if isinstance(value, float) and not math.isfinite(value) else value

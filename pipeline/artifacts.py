@@ -1,0 +1,167 @@
+"""The folder format that passes a model between stages: safetensors + config + tokenizer + rotaq.json.
+
+A folder is complete exactly when its manifest `rotaq.json` exists: folders are assembled under a
+temporary name and renamed into place, so an interrupted write never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ArtifactError, RotaqError
+
+MANIFEST_NAME = "rotaq.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = "rotaq-model/1"
+_VERSIONED_PACKAGES = ("rotaq", "torch", "transformers", "safetensors", "onnx", "onnxruntime", "gguf")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_artifact(path: Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a finished stage folder, or a clear error if the folder is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{path} is not a finished rotaq stage folder (no {MANIFEST_NAME}); "
+            "rerun the stage that writes it"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format {manifest.get('format')!r}; this rotaq reads {FORMAT_VERSION!r}")
+    return manifest
+
+
+@contextlib.contextmanager
+def _disk_errors_explained(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RotaqError(f"disk full while writing {target}; nothing was replaced") from exc
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out_dir` in one rename.
+
+    An existing `out_dir` is only replaced if it is a rotaq folder or empty, so a typo in `--out`
+    cannot delete unrelated files.
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not (is_artifact(out_dir) or _is_replaceable(out_dir)):
+        raise ArtifactError(f"refusing to overwrite {out_dir}: it exists and is not a rotaq output folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with _disk_errors_explained(out_dir):
+            yield tmp
+            _swap_into_place(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_replaceable(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or (path / ".rotaq-output").exists())
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out_dir, trash)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def new_manifest(stage: str, options: dict[str, Any], source: dict[str, Any], parent: dict[str, Any] | None) -> dict:
+    """The provenance every stage records: what it ran on, with which options and software."""
+    return {
+        "format": FORMAT_VERSION,
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": options,
+        "source": source,
+        "history": [*(parent or {}).get("history", []), *([_history_entry(parent)] if parent else [])],
+        "versions": package_versions(),
+    }
+
+
+def _history_entry(parent: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": parent.get("stage"), "options": parent.get("options"), "created": parent.get("created")}
+
+
+def write_model_artifact(
+    out_dir: Path,
+    model: Any,
+    tokenizer: Any,
+    manifest: dict[str, Any],
+    extra_writers: dict[str, Callable[[Path], None]] | None = None,
+) -> Path:
+    """Write weights, config, tokenizer and extras, then the manifest with every file's hash."""
+    from safetensors.torch import save_model
+
+    with staged_folder(out_dir) as tmp:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # a GGUF source's marker; the weights here are plain tensors
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, writer in (extra_writers or {}).items():
+            writer(tmp / name)
+        manifest = dict(manifest)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Path(out_dir)
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every hashed file is present and unchanged; a mismatch means a corrupted or edited folder."""
+    for name, expected in manifest.get("files", {}).items():
+        file_path = Path(path) / name
+        if not file_path.is_file():
+            raise ArtifactError(f"{path} is missing {name}, listed in its manifest")
+        if sha256_file(file_path) != expected:
+            raise ArtifactError(f"{file_path} does not match the hash in {MANIFEST_NAME}; the folder was modified")

@@ -1,0 +1,92 @@
+"""Online rotations: an orthogonal transform applied to a linear layer's input at inference time.
+
+QuaRot puts a Hadamard before `down_proj` and `o_proj`, whose inputs are not on the residual
+stream and so cannot be rotated offline; the inverse is folded into the layer's weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rotations.hadamard import apply_hadamard, hadamard_factors, has_hadamard, random_orthogonal_matrix
+
+
+def online_rotation_spec(width: int, kind: str, seed: int) -> dict[str, Any]:
+    """How to rebuild an online rotation: Kronecker-factored Hadamard when one exists, else a seeded
+    dense random orthogonal matrix (only with `--rotation random`)."""
+    if kind == "hadamard" or has_hadamard(width):
+        hadamard_factors(width)  # raises NoHadamardError with advice when there is none
+        return {"kind": "hadamard", "width": width,
+                "factors": [int(f.shape[0]) for f in hadamard_factors(width)]}
+    return {"kind": "random", "width": width, "seed": seed}
+
+
+class OnlineRotation(nn.Module):
+    """x ↦ x · R along the last dimension, R orthonormal (rows: tokens, row-vector convention)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        self.width = int(spec["width"])
+        self.factors: list[torch.Tensor] = []
+        if spec["kind"] == "hadamard":
+            for index, factor in enumerate(hadamard_factors(self.width)):
+                self.register_buffer(f"factor_{index}", factor.clone().float(), persistent=False)
+            self.factor_count = len(hadamard_factors(self.width))
+        else:
+            self.register_buffer("dense", random_orthogonal_matrix(self.width, int(spec["seed"])).float(),
+                                 persistent=False)
+            self.factor_count = 0
+
+    def factor_tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"factor_{i}") for i in range(self.factor_count)]
+
+    def matrix(self) -> torch.Tensor:
+        """The dense float64 R, for folding into weights offline (never used on the hot path)."""
+        if self.factor_count:
+            dense = torch.ones(1, 1, dtype=torch.float64)
+            for factor in self.factor_tensors():
+                dense = torch.kron(dense, factor.double())
+            return dense / math.sqrt(self.width)
+        return random_orthogonal_matrix(self.width, int(self.spec["seed"]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.factor_count:
+            return apply_hadamard(hidden_states, self.factor_tensors())
+        return hidden_states @ self.dense.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}"
+
+
+class OnlineRotatedLinear(nn.Linear):
+    """A Linear whose input is rotated online first; its weight already holds W·R.
+
+    `matmul_input` is the tensor that reaches the matmul: quantizers and outlier statistics use it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rotation: OnlineRotation,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.input_rotation = rotation
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, rotation: OnlineRotation) -> OnlineRotatedLinear:
+        """Take over `linear`'s parameters (no copy) behind an online rotation."""
+        wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, rotation,
+                      device=linear.weight.device, dtype=linear.weight.dtype)
+        wrapped.weight = linear.weight
+        if linear.bias is not None:
+            wrapped.bias = linear.bias
+        return wrapped
+
+    def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.input_rotation(hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.matmul_input(hidden_states), self.weight, self.bias)

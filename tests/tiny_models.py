@@ -1,0 +1,52 @@
+"""Tiny random models of every supported family, with non-power-of-two widths and non-trivial norms.
+
+Widths are chosen so that the residual, MLP and attention widths need Paley factors (12, 20, 28,
+36, 60) and head counts have no Hadamard matrix of their own (3, 5), like real models.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB_SIZE = 96
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama-tied": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_attention_heads=3,
+                       num_key_value_heads=1, head_dim=16, tie_word_embeddings=True),
+    "llama-untied": dict(model_type="llama", hidden_size=48, intermediate_size=112, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=12, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, sliding_window=None),
+    "qwen2-bias": dict(model_type="qwen2", hidden_size=40, intermediate_size=72, num_attention_heads=5,
+                       num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen3-qknorm": dict(model_type="qwen3", hidden_size=48, intermediate_size=112, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=12, tie_word_embeddings=False),
+    "smollm3": dict(model_type="smollm3", hidden_size=36, intermediate_size=60, num_attention_heads=3,
+                    num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def tiny_config(name: str, num_hidden_layers: int = 2):
+    values = dict(TINY_CONFIGS[name])
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, num_hidden_layers=num_hidden_layers,
+                                max_position_embeddings=256, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2, **values)
+
+
+def tiny_model(name: str, seed: int = 0, num_hidden_layers: int = 2) -> torch.nn.Module:
+    """A float32 random model whose norm weights and biases are far from their trivial init."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, num_hidden_layers), dtype=torch.float32)
+    with torch.no_grad():
+        for module_name, parameter in model.named_parameters():
+            if "norm" in module_name:
+                parameter.copy_(1.0 + 0.5 * torch.randn_like(parameter).abs())
+            elif module_name.endswith("bias"):
+                parameter.copy_(0.1 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def random_tokens(count: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (count, length), generator=torch.Generator().manual_seed(seed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 from eval.metrics import EvalResult, evaluate
 from eval.outliers import collect_linear_input_stats, outlier_table, summarize
 from eval.plots import plot_outliers
-from eval.tables import write_table
+from eval.tables import markdown_table, write_table
 from pipeline.atomic import write_json_atomic
+from pipeline.cli_args import add_data_arguments, add_model_argument, data_spec, print_json
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import RotaqError
 from pipeline.loading import LoadedModel, load_model
@@ -71,3 +73,44 @@ def run_outliers(options: OutlierOptions) -> dict[str, Any]:
                "after_summary": summarize(after_stats)}
     write_json_atomic(out / "outliers_summary.json", summary)
     return summary
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    result = run_eval(EvalOptions(model=args.model, data=data_spec(args), reference=args.reference,
+                                  batch_size=args.batch_size, progress=not args.json))
+    if args.json:
+        print_json(result)
+    else:
+        columns = ["perplexity", "nll", "tokens", "kl_divergence", "top1_agreement"]
+        print(markdown_table([result], [c for c in columns if result.get(c) is not None]))
+    if args.out:
+        write_json_atomic(Path(args.out), result)
+    return 0
+
+
+def _cmd_outliers(args: argparse.Namespace) -> int:
+    summary = run_outliers(OutlierOptions(model=args.model, out=Path(args.out), before=args.before,
+                                          data=data_spec(args)))
+    before, after = summary["before_summary"], summary["after_summary"]
+    print(f"largest max|x|/RMS over linear inputs: before {before['max_abs_over_rms']:.1f} "
+          f"({before['max_abs_over_rms_layer']}), after {after['max_abs_over_rms']:.1f} "
+          f"({after['max_abs_over_rms_layer']}); table and plot in {args.out}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="perplexity (and KL / top-1 vs --reference) on held-out text")
+    add_model_argument(evaluate)
+    add_data_arguments(evaluate, max_tokens=None)
+    evaluate.add_argument("--reference", default=None, help="model to compare next-token distributions against")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--out", default=None, help="also write the JSON result to this file")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    outliers = commands.add_parser("outliers", help="activation outlier statistics of every linear input, before/after")
+    add_model_argument(outliers)
+    outliers.add_argument("--before", default=None, help="model to compare with (default: the source of --model)")
+    outliers.add_argument("--out", required=True, help="folder for outliers.{md,csv,json,png}")
+    add_data_arguments(outliers, max_tokens=4096)
+    outliers.set_defaults(handler=_cmd_outliers)

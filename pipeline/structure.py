@@ -1,7 +1,8 @@
 """Rebuild the non-standard modules a stage folder needs before its weights are loaded.
 
 A rotated model is a plain transformers model plus online rotations; later stages add their own
-sections to the manifest. Each section is installed here, in pipeline order.
+manifest sections (adapters, quantization). Each section is installed here, in pipeline order, by
+the package that owns it.
 """
 
 from __future__ import annotations
@@ -18,3 +19,11 @@ def install_structure(model: nn.Module, family: DecoderFamily, manifest: dict[st
         from rotations.rotate import install_rotation_structure
 
         install_rotation_structure(model, rotation)
+    if adapters := manifest.get("adapters"):
+        from adapters.structure import install_adapter_structure
+
+        install_adapter_structure(model, family, adapters)
+    if quantization := manifest.get("quantization"):
+        from quantizers.structure import install_quantization_structure
+
+        install_quantization_structure(model, family, quantization)

@@ -98,6 +98,21 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accuracy_table(args: argparse.Namespace) -> int:
+    from eval.accuracy_table import COLUMNS, AccuracyTableOptions, run_accuracy_table
+
+    rows = run_accuracy_table(AccuracyTableOptions(
+        out=Path(args.out), model=args.model, schemes=tuple(args.schemes.split(",")),
+        rotations=tuple(r == "hadamard" for r in args.rotation.split(",")),
+        weight_methods=tuple(args.weights.split(",")),
+        evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens),
+        calibration=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.calib_tokens),
+        act_clip_ratio=args.act_clip_ratio))
+    print(markdown_table(rows, COLUMNS))
+    print(f"\nwritten to {Path(args.out) / 'accuracy'}.{{md,csv,json}}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="perplexity (and KL / top-1 vs --reference) on held-out text")
     add_model_argument(evaluate)
@@ -114,3 +129,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     outliers.add_argument("--out", required=True, help="folder for outliers.{md,csv,json,png}")
     add_data_arguments(outliers, max_tokens=4096)
     outliers.set_defaults(handler=_cmd_outliers)
+
+    table = commands.add_parser("accuracy-table",
+                                help="benchmark: perplexity / KL / top-1 of every scheme, with and without rotation")
+    add_model_argument(table)
+    add_data_arguments(table, max_tokens=16 * 512)
+    table.add_argument("--out", required=True, help="folder for accuracy.{md,csv,json}")
+    table.add_argument("--schemes", default="w8a8,w4a8,w4a4,w4a16-g128")
+    table.add_argument("--rotation", default="none,hadamard", help="comma list of none,hadamard")
+    table.add_argument("--weights", default="rtn,gptq", help="comma list of rtn,gptq")
+    table.add_argument("--calib-tokens", type=int, default=32 * 512, help="calibration tokens for GPTQ")
+    table.add_argument("--act-clip-ratio", type=float, default=None)
+    table.set_defaults(handler=_cmd_accuracy_table)

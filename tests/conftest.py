@@ -11,16 +11,15 @@ from tests.tiny_models import tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with the real embedded tokenizer's vocabulary size swapped for a tiny one."""
+    """A tiny Llama saved as a Hugging Face folder, with a word-level tokenizer over words w1..w95."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {f"w{i}": i for i in range(96)}
-    vocab.update({"<unk>": 0})
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 96)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w2", pad_token="w0")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w2", pad_token="w1")
     model = tiny_model("llama-tied")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,99 @@
+"""The accuracy table (a benchmark, not a test): every scheme × {no rotation, rotation} × {RTN, GPTQ}.
+
+Each row is scored against the float model on the same held-out windows: perplexity (and its
+ratio to float), mean KL divergence and top-1 agreement. Rows are written as they finish, so an
+interrupted run keeps what it measured and a rerun skips rows already in the JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval.metrics import evaluate
+from eval.tables import write_table
+from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from pipeline.loading import load_model
+from quantizers.quantize_model import QuantizeSettings, quantize_model
+from quantizers.schemes import parse_scheme
+from rotations.rotate import RotationConfig, rotate_model
+
+COLUMNS = ["scheme", "rotation", "weights", "perplexity", "ppl_ratio", "kl_divergence", "top1_agreement",
+           "quantize_seconds"]
+
+
+@dataclass(frozen=True)
+class AccuracyTableOptions:
+    out: Path
+    model: str | None = None
+    schemes: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w4a16-g128")
+    rotations: tuple[bool, ...] = (False, True)
+    weight_methods: tuple[str, ...] = ("rtn", "gptq")
+    evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
+    calibration: DataSpec = DataSpec(seq_len=512, max_tokens=32 * 512)
+    act_clip_ratio: float | None = None
+    seed: int = 0
+    progress: bool = True
+    extra_fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return row["scheme"], row["rotation"], row["weights"]
+
+
+def _load_previous(path: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """Rows of an earlier, interrupted run on the same evaluation tokens."""
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text())
+    return previous if all(row.get("windows_sha256") == fingerprint for row in previous) else []
+
+
+def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
+    loaded = load_model(options.model)
+    float_model = loaded.model
+    evaluation = load_split_windows(options.evaluation, loaded.tokenizer, "evaluation")
+    calibration = load_split_windows(options.calibration, loaded.tokenizer, "calibration")
+    fingerprint = windows_fingerprint(evaluation)
+    stem = Path(options.out) / "accuracy"
+    rows = _load_previous(stem.with_suffix(".json"), fingerprint)
+    done = {_row_key(row) for row in rows}
+
+    float_key = ("fp32", "none", "-")
+    if float_key not in done:
+        result = evaluate(float_model, evaluation, progress=options.progress)
+        rows.append({"scheme": "fp32", "rotation": "none", "weights": "-", **result.to_dict(),
+                     "ppl_ratio": 1.0, "kl_divergence": 0.0, "top1_agreement": 1.0, "windows_sha256": fingerprint})
+        write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])
+    float_ppl = next(row["perplexity"] for row in rows if _row_key(row) == float_key)
+
+    for rotated in options.rotations:
+        base = copy.deepcopy(float_model)
+        if rotated:
+            rotate_model(base, loaded.family, RotationConfig(seed=options.seed))
+        for scheme_name in options.schemes:
+            scheme = parse_scheme(scheme_name)
+            if options.act_clip_ratio is not None:
+                scheme = dataclasses.replace(scheme, act_clip_ratio=options.act_clip_ratio)
+            for weights in options.weight_methods:
+                key = (scheme_name, "hadamard" if rotated else "none", weights)
+                if key in done:
+                    continue
+                model = copy.deepcopy(base)
+                started = time.perf_counter()
+                quantize_model(model, loaded.family, QuantizeSettings(scheme=scheme, weights=weights,
+                                                                      progress=options.progress), calibration)
+                seconds = time.perf_counter() - started
+                result = evaluate(model, evaluation, reference=float_model, progress=options.progress)
+                rows.append({"scheme": key[0], "rotation": key[1], "weights": key[2], **result.to_dict(),
+                             "ppl_ratio": result.perplexity / float_ppl, "quantize_seconds": round(seconds, 1),
+                             "windows_sha256": fingerprint, **options.extra_fields})
+                write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])
+                del model
+        del base
+    return rows

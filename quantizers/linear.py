@@ -1,0 +1,76 @@
+"""The fake-quant linear layer: what the deployed integer kernel computes, in float PyTorch.
+
+Input → online rotation (if the rotated model has one here) → dynamic activation fake-quant (per
+token, or per block of K where the runtime kernel does that) → matmul with the dequantized weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token
+from rotations.online import OnlineRotatedLinear, OnlineRotation
+
+
+@dataclass(frozen=True)
+class LayerQuantSpec:
+    """How one layer is quantized; stored per layer in the manifest so export needs nothing else."""
+
+    weight_bits: int
+    group_size: int | None
+    weight_symmetric: bool
+    act_bits: int
+    act_symmetric: bool = True
+    act_clip_ratio: float = 1.0
+    act_block_size: int | None = None  # None: per token; else per block of K (ONNX Runtime's A8 kernels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LayerQuantSpec:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+
+class QuantizedLinear(nn.Linear):
+    """A linear layer whose weight holds dequantized codes and whose input is fake-quantized at run time."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerQuantSpec,
+                 input_rotation: OnlineRotation | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.spec = spec
+        self.input_rotation = input_rotation
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QuantizedLinear:
+        """Take over `linear`'s parameters (no copy) and, for a rotated layer, its online rotation."""
+        rotation = linear.input_rotation if isinstance(linear, OnlineRotatedLinear) else None
+        wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, spec, rotation,
+                      device=linear.weight.device, dtype=linear.weight.dtype)
+        wrapped.weight = linear.weight
+        if linear.bias is not None:
+            wrapped.bias = linear.bias
+        return wrapped
+
+    def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The float tensor the quantizer sees (after the online rotation, before quantization)."""
+        return hidden_states if self.input_rotation is None else self.input_rotation(hidden_states)
+
+    def quantize_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.act_block_size:
+            return fake_quantize_per_block(hidden_states, spec.act_bits, spec.act_block_size, spec.act_symmetric,
+                                           spec.act_clip_ratio)
+        return fake_quantize_per_token(hidden_states, spec.act_bits, spec.act_symmetric, spec.act_clip_ratio)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(self.matmul_input(hidden_states)), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.spec}"

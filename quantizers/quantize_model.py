@@ -1,0 +1,144 @@
+"""Quantize a whole model in memory: every decoder linear by the scheme, lm_head and embeddings at 8 bits.
+
+Returns the integer codes of every quantized tensor and leaves the model as its fake-quant twin
+(dequantized weights, activation fake-quant in each `QuantizedLinear`), so one pass gives both the
+model that is scored and the codes that are exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.errors import RotaqError
+from pipeline.families import DecoderFamily, decoder_layers
+from quantizers.calibration import capture_first_layer_inputs, recording_inputs, run_layer
+from quantizers.gptq import HessianAccumulator, gptq_quantize
+from quantizers.linear import LayerQuantSpec, QuantizedLinear
+from quantizers.rtn import QuantizedWeight, quantize_weight_rtn
+from quantizers.schemes import QuantScheme
+from quantizers.structure import install_quantized_linear
+
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    scheme: QuantScheme
+    weights: str = "gptq"
+    act_order: bool = True
+    damp_percent: float = 0.01
+    # Hessians from the fake-quantized inputs the deployed layer will see (a GPTQ lever for W4A4).
+    hessian_from_quantized_inputs: bool = True
+    true_sequential: bool = True
+    batch_size: int = 4
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_METHODS:
+            raise RotaqError(f"unknown weight quantizer '{self.weights}'; choose one of {', '.join(WEIGHT_METHODS)}")
+
+
+def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
+    return LayerQuantSpec(weight_bits=scheme.weight_bits, group_size=scheme.weight_group_size,
+                          weight_symmetric=scheme.weight_symmetric, act_bits=scheme.act_bits,
+                          act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio)
+
+
+def head_spec(bits: int) -> LayerQuantSpec:
+    """lm_head and embeddings: per-channel (per-row) symmetric weights, float activations."""
+    return LayerQuantSpec(weight_bits=bits, group_size=None, weight_symmetric=True, act_bits=16)
+
+
+def _sequential_groups(family: DecoderFamily, true_sequential: bool) -> list[tuple[str, ...]]:
+    if not true_sequential:
+        return [family.decoder_linears]
+    return [family.attention_inputs, (family.attention_output,), family.mlp_inputs, (family.mlp_output,)]
+
+
+@torch.no_grad()
+def _set_dequantized(module: nn.Module, quantized: QuantizedWeight) -> None:
+    module.weight.data = quantized.dequantize().to(module.weight.dtype).reshape(module.weight.shape)
+
+
+def _quantize_rtn(module: nn.Module, spec: LayerQuantSpec, clip_search: bool, name: str) -> QuantizedWeight:
+    return quantize_weight_rtn(module.weight.detach(), spec.weight_bits, spec.group_size, spec.weight_symmetric,
+                               clip_search, layer_name=name)
+
+
+@torch.no_grad()
+def _quantize_layer_gptq(layer: nn.Module, prefix: str, wrapped: dict[str, QuantizedLinear],
+                         inputs, settings: QuantizeSettings, family: DecoderFamily) -> dict[str, QuantizedWeight]:
+    """GPTQ each group of a layer in execution order, with Hessians from the layer's current state."""
+    results: dict[str, QuantizedWeight] = {}
+    for group in _sequential_groups(family, settings.true_sequential):
+        modules = {path: wrapped[path] for path in group}
+        accumulators = {path: HessianAccumulator(m.in_features, f"{prefix}.{path}") for path, m in modules.items()}
+
+        def record(path: str, module: QuantizedLinear, hidden_states: torch.Tensor) -> None:
+            x = module.matmul_input(hidden_states)
+            accumulators[path].add_batch(module.quantize_input(x) if settings.hessian_from_quantized_inputs else x)
+
+        with recording_inputs(modules, record):
+            run_layer(layer, inputs)
+        for path, module in modules.items():
+            spec = module.spec
+            results[path] = gptq_quantize(module.weight.detach(), accumulators[path].hessian, spec.weight_bits,
+                                          spec.group_size, spec.weight_symmetric, settings.act_order,
+                                          settings.damp_percent, clip_search=settings.scheme.weight_clip_search,
+                                          layer_name=f"{prefix}.{path}")
+            _set_dequantized(module, results[path])
+    return results
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSettings,
+                   calibration_windows: torch.Tensor | None) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """Quantize `model` in place; returns (codes per layer path, layer spec per path for the manifest)."""
+    scheme = settings.scheme
+    if settings.weights == "gptq" and (calibration_windows is None or calibration_windows.numel() == 0):
+        raise RotaqError("GPTQ needs calibration data, and the calibration set is empty")
+    codes: dict[str, QuantizedWeight] = {}
+    specs: dict[str, dict] = {}
+    layers = decoder_layers(model, family)
+    inputs = (capture_first_layer_inputs(model, family, calibration_windows, settings.batch_size)
+              if settings.weights == "gptq" else None)
+    spec = decoder_layer_spec(scheme)
+    for index, layer in enumerate(tqdm(layers, desc=f"quantize {scheme.name} ({settings.weights})",
+                                       disable=not settings.progress)):
+        prefix = f"{family.layers}.{index}"
+        wrapped = {path: install_quantized_linear(layer, path, spec) for path in family.decoder_linears}
+        if settings.weights == "gptq":
+            layer_codes = _quantize_layer_gptq(layer, prefix, wrapped, inputs, settings, family)
+            inputs.hidden_states = run_layer(layer, inputs)
+        else:
+            layer_codes = {}
+            for path, module in wrapped.items():
+                layer_codes[path] = _quantize_rtn(module, spec, scheme.weight_clip_search, f"{prefix}.{path}")
+                _set_dequantized(module, layer_codes[path])
+        for path, quantized in layer_codes.items():
+            codes[f"{prefix}.{path}"] = quantized
+            specs[f"{prefix}.{path}"] = spec.to_dict()
+    if scheme.lm_head_bits is not None:
+        _quantize_heads(model, family, scheme, codes, specs)
+    return codes, specs
+
+
+def _quantize_heads(model: nn.Module, family: DecoderFamily, scheme: QuantScheme,
+                    codes: dict[str, QuantizedWeight], specs: dict[str, dict]) -> None:
+    """lm_head and the embedding table: per-row RTN at `lm_head_bits` (a tied pair is quantized once)."""
+    spec = head_spec(scheme.lm_head_bits)
+    embed = model.get_submodule(family.embed_tokens)
+    lm_head = model.get_submodule(family.lm_head)
+    tied = lm_head.weight is embed.weight
+    for path, module in ((family.embed_tokens, embed), (family.lm_head, lm_head)):
+        if tied and path == family.lm_head:
+            break
+        codes[path] = _quantize_rtn(module, spec, scheme.weight_clip_search, path)
+        _set_dequantized(module, codes[path])
+        specs[path] = spec.to_dict()
+    if not tied:
+        install_quantized_linear(model, family.lm_head, spec)

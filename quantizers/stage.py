@@ -1,0 +1,102 @@
+"""The quantize stage: a float (usually rotated) stage folder in, a quantized stage folder out.
+
+The folder holds the fake-quant model (`model.safetensors`, dequantized weights, loadable by every
+stage) and the integer codes with scales and zero points (`quantized.safetensors`), which export
+writes into ONNX as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from pipeline.artifacts import new_manifest, write_model_artifact
+from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from pipeline.errors import RotaqError
+from pipeline.loading import load_model
+from quantizers.quantize_model import QuantizeSettings, quantize_model
+from quantizers.rtn import QuantizedWeight
+from quantizers.schemes import QuantScheme, parse_scheme
+
+logger = logging.getLogger(__name__)
+CODES_NAME = "quantized.safetensors"
+DEFAULT_CALIBRATION = DataSpec(seq_len=512, max_tokens=32 * 512)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    model: str | None
+    out: Path
+    scheme: str = "w4a4"
+    weights: str = "gptq"
+    group: int | None = None
+    act_clip_ratio: float | None = None
+    act_order: bool = True
+    calibration: DataSpec = DEFAULT_CALIBRATION
+    progress: bool = True
+
+
+def resolve_scheme(options: QuantizeOptions) -> QuantScheme:
+    """The named scheme with command-line overrides (group size, activation clipping) applied."""
+    scheme = parse_scheme(options.scheme)
+    overrides: dict[str, Any] = {}
+    if options.group is not None:
+        overrides["weight_group_size"] = options.group
+    if options.act_clip_ratio is not None:
+        overrides["act_clip_ratio"] = options.act_clip_ratio
+    return dataclasses.replace(scheme, **overrides) if overrides else scheme
+
+
+def codes_tensors(codes: dict[str, QuantizedWeight]) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for path, quantized in codes.items():
+        tensors[f"{path}.codes"] = quantized.codes.contiguous()
+        tensors[f"{path}.scales"] = quantized.scales.contiguous()
+        if quantized.zero_points is not None:
+            tensors[f"{path}.zero_points"] = quantized.zero_points.contiguous()
+    return tensors
+
+
+def run_quantize(options: QuantizeOptions) -> Path:
+    scheme = resolve_scheme(options)
+    settings = QuantizeSettings(scheme=scheme, weights=options.weights, act_order=options.act_order,
+                                progress=options.progress)
+    loaded = load_model(options.model)
+    if loaded.manifest and loaded.manifest.get("quantization"):
+        raise RotaqError(f"{options.model} is already quantized; quantize its float parent instead")
+    if loaded.manifest and loaded.manifest.get("adapters"):
+        raise RotaqError(f"{options.model} still has adapters; run `rotaq merge` first")
+    windows = (load_split_windows(options.calibration, loaded.tokenizer, "calibration")
+               if settings.weights == "gptq" else None)
+    started = time.perf_counter()
+    codes, layer_specs = quantize_model(loaded.model, loaded.family, settings, windows)
+    manifest = new_manifest("quantize", _options_dict(options), loaded.source, loaded.manifest)
+    for carried in ("rotation",):
+        if loaded.manifest and carried in loaded.manifest:
+            manifest[carried] = loaded.manifest[carried]
+    manifest["quantization"] = {
+        "scheme": {**dataclasses.asdict(scheme), "name": scheme.name},
+        "weights": settings.weights,
+        "act_order": settings.act_order,
+        "calibration": None if windows is None else {
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+            "sha256": windows_fingerprint(windows)},
+        "seconds": round(time.perf_counter() - started, 2),
+        "codes_file": CODES_NAME,
+        "layers": layer_specs,
+    }
+    tensors = codes_tensors(codes)
+    return write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest,
+                                extra_writers={CODES_NAME: lambda path: save_file(tensors, str(path))})
+
+
+def _options_dict(options: QuantizeOptions) -> dict[str, Any]:
+    values = dataclasses.asdict(options)
+    values["out"] = str(options.out)
+    return values

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "adapters.commands",
     "quantizers.commands",
     "eval.commands",
+    "export.commands",
 )
 
 

@@ -18,8 +18,8 @@ from torch import nn
 from pipeline.families import DecoderFamily, decoder_layers
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once layer 0's inputs are recorded: the rest of the model is not needed."""
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is skipped."""
 
 
 @dataclass
@@ -39,14 +39,14 @@ def capture_first_layer_inputs(model: nn.Module, family: DecoderFamily, windows:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.hidden_states.append(args[0] if args else kwargs.pop("hidden_states"))
         captured.layer_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
+        raise StopForward
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
                 model(input_ids=windows[start:start + batch_size], use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -60,6 +60,16 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
         output = layer(hidden_states, **kwargs)
         outputs.append(output[0] if isinstance(output, tuple) else output)
     return outputs
+
+
+@torch.no_grad()
+def run_layer_until_stopped(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Feed every batch to `layer` for its hooks' sake; a hook may end a batch early with StopForward."""
+    for hidden_states, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs):
+        try:
+            layer(hidden_states, **kwargs)
+        except StopForward:
+            pass
 
 
 @contextmanager

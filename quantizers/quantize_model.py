@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import RotaqError
 from pipeline.families import DecoderFamily, decoder_layers
-from quantizers.calibration import capture_first_layer_inputs, recording_inputs, run_layer
+from quantizers.calibration import (
+    StopForward,
+    capture_first_layer_inputs,
+    recording_inputs,
+    run_layer,
+    run_layer_until_stopped,
+)
 from quantizers.gptq import HessianAccumulator, gptq_quantize
 from quantizers.linear import LayerQuantSpec, QuantizedLinear
 from quantizers.rtn import QuantizedWeight, quantize_weight_rtn
@@ -72,7 +78,10 @@ def _quantize_rtn(module: nn.Module, spec: LayerQuantSpec, clip_search: bool, na
 @torch.no_grad()
 def _quantize_layer_gptq(layer: nn.Module, prefix: str, wrapped: dict[str, QuantizedLinear],
                          inputs, settings: QuantizeSettings, family: DecoderFamily) -> dict[str, QuantizedWeight]:
-    """GPTQ each group of a layer in execution order, with Hessians from the layer's current state."""
+    """GPTQ each group of a layer in execution order, with Hessians from the layer's current state.
+
+    Groups are in execution order, so each pass stops once the group's last projection has seen its input.
+    """
     results: dict[str, QuantizedWeight] = {}
     for group in _sequential_groups(family, settings.true_sequential):
         modules = {path: wrapped[path] for path in group}
@@ -81,9 +90,11 @@ def _quantize_layer_gptq(layer: nn.Module, prefix: str, wrapped: dict[str, Quant
         def record(path: str, module: QuantizedLinear, hidden_states: torch.Tensor) -> None:
             x = module.matmul_input(hidden_states)
             accumulators[path].add_batch(module.quantize_input(x) if settings.hessian_from_quantized_inputs else x)
+            if path == group[-1]:
+                raise StopForward
 
         with recording_inputs(modules, record):
-            run_layer(layer, inputs)
+            run_layer_until_stopped(layer, inputs)
         for path, module in modules.items():
             spec = module.spec
             results[path] = gptq_quantize(module.weight.detach(), accumulators[path].hessian, spec.weight_bits,

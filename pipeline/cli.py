@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "quantizers.commands",
     "eval.commands",
     "export.commands",
+    "pipeline.run_commands",
 )
 
 

@@ -2,10 +2,11 @@
 rounding error onto the not-yet-quantized columns through the inverse Hessian of the layer input.
 
 Implemented here rather than wrapped from ``gptqmodel``: gptqmodel 7.6.0 does install and run on
-CPU with torch 2.13, but its per-layer ``GPTQ`` class is internal API (needs an undocumented
-``quantizer.configure(perchannel=True)`` call), importing it prints a banner to stdout and sets
-process environment variables, and it pulls ~50 packages (~600 MB: pyarrow, pandas, datasets,
-torchao, maturin, an sdist that needs a C compiler) with an exact ``numpy==2.2.6`` pin.
+CPU with torch 2.13 (and matches this code exactly without clip search), but its per-layer ``GPTQ``
+class is internal API (needs an undocumented ``quantizer.configure(perchannel=True)`` call),
+importing it prints a banner to stdout and sets process environment variables, and it pulls 54
+packages (~630 MB: pyarrow, pandas, datasets, torchao, maturin, sdists needing a C compiler) with
+an exact ``numpy==2.2.6`` pin.
 """
 
 from __future__ import annotations
@@ -118,26 +119,23 @@ def gptq_quantize(
 
     group = group_size or in_features
     n_groups = in_features // group
-    scales = torch.empty(out_features, n_groups)
-    zeros = None if symmetric else torch.empty(out_features, n_groups)
-    # Static groups: with act_order, scales come from the (clip-searched) weight per group in
-    # original column order before the loop, so the export format needs no g_idx permutation.
-    # Without act_order, groups are met in order and use the error-updated weights (reference GPTQ).
+    # Static groups with act_order: scales from the clip-searched weight in original column order, so no g_idx.
     static_groups = act_order or group_size is None
     if static_groups:
         scales, zeros = compute_qparams(w.view(out_features, n_groups, group), bits, symmetric, clip_search)
     else:
-        # Whole groups per block, so a group's parameters see all updates made before its first column.
+        # Groups are met in order and take their parameters from the error-updated weights (reference
+        # GPTQ); whole groups per block, so those parameters see every update before the group's start.
+        scales = torch.empty(out_features, n_groups)
+        zeros = None if symmetric else torch.empty(out_features, n_groups)
         block_size = max(block_size // group, 1) * group
 
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_features)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp_percent, layer_name)
+    hinv = _inverse_hessian_factor(h[perm][:, perm], damp_percent, layer_name)
+    group_of = (perm // group).tolist()
 
     # The loop runs on transposed copies so that each weight column is a contiguous row.
-    group_of = (perm // group).tolist()
-    w_t = w.T.contiguous()
+    w_t = w[:, perm].T.contiguous()
     scales_t = scales.T.contiguous()
     zeros_t = None if zeros is None else zeros.T.contiguous()
     codes_t = torch.empty(in_features, out_features)

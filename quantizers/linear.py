@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token
-from rotations.online import OnlineRotatedLinear, OnlineRotation
+from rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,9 @@ class QuantizedLinear(nn.Linear):
     def wrap(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QuantizedLinear:
         """Take over `linear`'s parameters (no copy) and, for a rotated layer, its online rotation."""
         rotation = linear.input_rotation if isinstance(linear, OnlineRotatedLinear) else None
-        wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, spec, rotation,
-                      device=linear.weight.device, dtype=linear.weight.dtype)
-        wrapped.weight = linear.weight
-        if linear.bias is not None:
-            wrapped.bias = linear.bias
-        return wrapped
+        return adopt_linear_parameters(
+            cls(linear.in_features, linear.out_features, linear.bias is not None, spec, rotation,
+                device="meta", dtype=linear.weight.dtype), linear)
 
     def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The float tensor the quantizer sees (after the online rotation, before quantization)."""

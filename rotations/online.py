@@ -64,6 +64,14 @@ class OnlineRotation(nn.Module):
         return f"{self.spec}"
 
 
+def adopt_linear_parameters(wrapped: nn.Linear, linear: nn.Linear) -> nn.Linear:
+    """Make `wrapped` share `linear`'s weight and bias tensors (no copy), so wrapping never moves memory."""
+    wrapped.weight = linear.weight
+    if linear.bias is not None:
+        wrapped.bias = linear.bias
+    return wrapped
+
+
 class OnlineRotatedLinear(nn.Linear):
     """A Linear whose input is rotated online first; its weight already holds W·R.
 
@@ -78,12 +86,9 @@ class OnlineRotatedLinear(nn.Linear):
     @classmethod
     def wrap(cls, linear: nn.Linear, rotation: OnlineRotation) -> OnlineRotatedLinear:
         """Take over `linear`'s parameters (no copy) behind an online rotation."""
-        wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, rotation,
-                      device=linear.weight.device, dtype=linear.weight.dtype)
-        wrapped.weight = linear.weight
-        if linear.bias is not None:
-            wrapped.bias = linear.bias
-        return wrapped
+        return adopt_linear_parameters(
+            cls(linear.in_features, linear.out_features, linear.bias is not None, rotation,
+                device="meta", dtype=linear.weight.dtype), linear)
 
     def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.input_rotation(hidden_states)

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "rotations.commands",
     "quantizers.commands",
     "eval.commands",
+    "export.commands",
 )
 
 

@@ -1,0 +1,65 @@
+"""`rotaq export` and `rotaq generate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.cli_args import add_model_argument
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.layout import read_layout
+    from export.stage import ExportOptions, run_export
+
+    out = run_export(ExportOptions(model=args.model, out=Path(args.out), check_tokens=args.check_tokens))
+    manifest = read_layout(out).manifest
+    checks = manifest["checks"]
+    size = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
+    print(f"ONNX export written to {out} ({size:.1f} MiB, {manifest['export_seconds']:.1f} s); "
+          f"max relative logit error: export forward vs model {checks['graph_vs_model']['max_rel_error']:.2e}, "
+          f"ONNX Runtime vs PyTorch {checks['ort_vs_torch']['max_rel_error']:.2e}, "
+          f"cached decode vs prefill {checks['decode_vs_prefill']['max_rel_error']:.2e}")
+    if "quantized_layers_max_rel_error" in checks:
+        print(f"quantized layers alone in ONNX Runtime vs their reference: "
+              f"{checks['quantized_layers_max_rel_error']:.2e}; whole-model top-1 agreement with PyTorch "
+              f"{checks['ort_vs_torch']['top1_agreement']:.3f} (rounding ties make whole-model logits diverge)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from export.generate import SamplingOptions, generate_text
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+    write(args.prompt)
+    result = generate_text(Path(args.folder), args.prompt, options, on_text=write, threads=args.threads)
+    write("\n")
+    rate = len(result.token_ids) / result.seconds if result.seconds > 0 else float("inf")
+    print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens, {rate:.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="stage 5: ONNX graph with KV cache, checked against PyTorch in ONNX Runtime")
+    add_model_argument(export)
+    export.add_argument("--out", required=True, help="output folder (written atomically)")
+    export.add_argument("--check-tokens", type=int, default=32,
+                        help="tokens per sequence of the logit checks (default 32)")
+    export.set_defaults(handler=_cmd_export)
+
+    generate = commands.add_parser("generate", help="generate text from an exported folder with ONNX Runtime")
+    generate.add_argument("folder", help="folder written by `rotaq export`")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    generate.set_defaults(handler=_cmd_generate)

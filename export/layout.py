@@ -1,0 +1,90 @@
+"""The exported folder's contract: file names, graph input/output names and the export.json manifest.
+
+Torch-free on purpose: the runtime and `rotaq generate` read it on machines that only have
+onnxruntime. Names follow onnxruntime-genai's decoder convention (`past_key_values.{i}.key`,
+`present.{i}.key`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ArtifactError
+
+EXPORT_FORMAT = "rotaq-onnx/1"
+MANIFEST_NAME = "export.json"
+GRAPH_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+OPSET = 21
+# ORT fuses DequantizeLinear + MatMul into MatMulNBits and would, by default, quantize that MatMul's
+# activations to int8 per block (accuracy level 4); level 0 keeps the QDQ layers' float32 product.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Past KV inputs, key then value for each layer: past_key_values.{i}.key / .value."""
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    """Present KV outputs in the same order as `past_names`: present.{i}.key / .value."""
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def io_spec(num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int) -> dict[str, list[dict]]:
+    """Names, dtypes and shapes (symbolic axes as strings) of the graph's inputs and outputs."""
+    kv_in = ["batch", num_kv_heads, "past_sequence", head_dim]
+    kv_out = ["batch", num_kv_heads, "total_sequence", head_dim]
+    return {
+        "inputs": [
+            {"name": INPUT_IDS, "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": ATTENTION_MASK, "dtype": "int64", "shape": ["batch", "total_sequence"]},
+            *({"name": name, "dtype": "float32", "shape": kv_in} for name in past_names(num_layers)),
+        ],
+        "outputs": [
+            {"name": LOGITS, "dtype": "float32", "shape": ["batch", "sequence", vocab_size]},
+            *({"name": name, "dtype": "float32", "shape": kv_out} for name in present_names(num_layers)),
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """What a runtime needs from export.json to drive the graph."""
+
+    folder: Path
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    manifest: dict[str, Any]
+
+    @property
+    def graph_path(self) -> Path:
+        return self.folder / self.manifest.get("graph", GRAPH_NAME)
+
+
+def read_layout(folder: Path) -> ExportLayout:
+    """The layout of an export folder, or a clear error if the folder is not one."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a rotaq ONNX export (no {MANIFEST_NAME}); run `rotaq export` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ArtifactError(f"{folder} has format {manifest.get('format')!r}; this rotaq reads {EXPORT_FORMAT!r}")
+    return ExportLayout(folder=folder, num_layers=int(manifest["num_layers"]),
+                        num_kv_heads=int(manifest["num_kv_heads"]), head_dim=int(manifest["head_dim"]),
+                        vocab_size=int(manifest["vocab_size"]),
+                        eos_token_ids=tuple(manifest.get("eos_token_ids") or ()), manifest=manifest)

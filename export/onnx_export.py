@@ -1,0 +1,80 @@
+"""Trace a `DecoderGraph` with torch's dynamo exporter and write it as ONNX with external weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.graph_module import DecoderGraph, DecoderShape
+from export.layout import ATTENTION_MASK, DATA_NAME, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
+from export.rewrite import rewrite_linears
+from pipeline.errors import RotaqError
+
+# Example sizes for tracing: all distinct and >= 2, because torch.export specializes sizes 0 and 1
+# and would unify equal ones; the graph itself accepts any batch, sequence and past length (incl. 0).
+_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 5
+# Tensors below this many bytes stay inside model.onnx; the weights go to model.onnx.data.
+_EXTERNAL_DATA_THRESHOLD = 1024
+
+
+def example_inputs(shape: DecoderShape) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    input_ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, dtype=torch.long)
+    attention_mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_PAST + _EXAMPLE_SEQUENCE, dtype=torch.long)
+    past = tuple(torch.zeros(_EXAMPLE_BATCH, shape.num_kv_heads, _EXAMPLE_PAST, shape.head_dim)
+                 for _ in range(2 * shape.num_layers))
+    return input_ids, attention_mask, past
+
+
+def export_onnx(graph: DecoderGraph, folder: Path, opset: int = OPSET) -> Path:
+    """Write folder/model.onnx (+ model.onnx.data) with dynamic batch, sequence and past length."""
+    if opset < OPSET:
+        raise RotaqError(f"opset {opset} is too old: INT4 QuantizeLinear/DequantizeLinear need opset {OPSET}")
+    shape = graph.shape
+    auto = torch.export.Dim.AUTO
+    dynamic_shapes = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
+                      "past_key_values": tuple({0: auto, 2: auto} for _ in range(2 * shape.num_layers))}
+    with _quiet_exporter(), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            graph.eval(), example_inputs(shape), dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+            input_names=[INPUT_IDS, ATTENTION_MASK, *past_names(shape.num_layers)],
+            output_names=[LOGITS, *present_names(shape.num_layers)], optimize=True, verbose=False)
+    model = program.model_proto
+    rewrite_linears(model, graph.quantized_linears())
+    _name_axes(model, io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size))
+    path = Path(folder) / GRAPH_NAME
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_NAME, size_threshold=_EXTERNAL_DATA_THRESHOLD)
+    return path
+
+
+def _name_axes(model: onnx.ModelProto, spec: dict[str, list[dict]]) -> None:
+    """Give the graph's dynamic axes the manifest's names (the tracer calls them s0, s1 + s2, ...)."""
+    values = {value.name: value for value in (*model.graph.input, *model.graph.output)}
+    for entry in (*spec["inputs"], *spec["outputs"]):
+        dims = values[entry["name"]].type.tensor_type.shape.dim
+        for dim, size in zip(dims, entry["shape"], strict=True):
+            if isinstance(size, str):
+                dim.dim_param = size
+            elif dim.dim_value != size:
+                raise RotaqError(f"exported {entry['name']} has size {dim.dim_value or dim.dim_param} "
+                                 f"where {size} was expected")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs optional-package notices and deprecation warnings that mean nothing here."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)

@@ -1,0 +1,45 @@
+"""Read a quantized stage folder's integer weights and pick each linear's ONNX kernel.
+
+The folder's manifest section `quantization.layers` holds one `LayerQuantSpec` per quantized module
+and its codes file (`quantized.safetensors`) holds `<path>.codes`, `<path>.scales` and, for
+asymmetric weights, `<path>.zero_points`. Embeddings stay a float Gather of the dequantized table
+(the same numbers as the fake-quant model), so only linears get an emitter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import nn
+
+from export.emitters import ActQuant, LinearEmitter, choose_emitter
+from pipeline.errors import ArtifactError
+from quantizers.linear import LayerQuantSpec
+from quantizers.rtn import QuantizedWeight
+
+DEFAULT_CODES_NAME = "quantized.safetensors"
+
+
+def quantized_emitters(folder: Path, section: dict[str, Any], model: nn.Module) -> dict[str, LinearEmitter]:
+    """Module path → emitter for every quantized linear of a quantized stage folder."""
+    codes_path = Path(folder) / section.get("codes_file", DEFAULT_CODES_NAME)
+    if not codes_path.is_file():
+        raise ArtifactError(f"{folder} is quantized but has no {codes_path.name} with the integer weights")
+    tensors = load_file(str(codes_path))
+    emitters: dict[str, LinearEmitter] = {}
+    for path, values in section.get("layers", {}).items():
+        if not isinstance(model.get_submodule(path), nn.Linear):
+            continue
+        spec = LayerQuantSpec.from_dict(values)
+        missing = [f"{path}.{field}" for field in ("codes", "scales") if f"{path}.{field}" not in tensors]
+        if missing:
+            raise ArtifactError(f"{codes_path.name} lacks {', '.join(missing)}")
+        weight = QuantizedWeight(codes=tensors[f"{path}.codes"], scales=tensors[f"{path}.scales"],
+                                 zero_points=tensors.get(f"{path}.zero_points"), group_size=spec.group_size,
+                                 bits=spec.weight_bits, symmetric=spec.weight_symmetric)
+        act = ActQuant(bits=spec.act_bits, symmetric=spec.act_symmetric, clip_ratio=spec.act_clip_ratio,
+                       block_size=spec.act_block_size)
+        emitters[path] = choose_emitter(weight, act)
+    return emitters

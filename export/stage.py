@@ -1,0 +1,126 @@
+"""The export stage: any loadable model in, a checked ONNX folder with KV cache out.
+
+Folder layout: model.onnx (+ model.onnx.data with the weights), the tokenizer, and export.json
+(graph I/O names and shapes, model sizes, the source's rotaq manifest, check results, file hashes).
+The folder is assembled under a temporary name and moved into place only after every check in
+`export.checks` has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.checks import check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime
+from export.graph_module import DecoderGraph, ExportLinear
+from export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
+from export.onnx_export import export_onnx
+from export.quantized import quantized_emitters
+from export.runtime import OnnxDecoder
+from pipeline.artifacts import package_versions, sha256_file, staged_folder
+from pipeline.loading import LoadedModel, load_model
+
+# Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
+OUTPUT_MARKER = ".rotaq-output"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str | None
+    out: Path
+    check_tokens: int = 32
+    decode_steps: int = 4
+    seed: int = 0
+
+
+def check_token_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
+    """Two seeded random sequences [2, length]: enough to catch any wrong transform or cache slot."""
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def build_graph(loaded: LoadedModel) -> DecoderGraph:
+    """The export forward for a loaded model, with quantized kernels when the folder is quantized."""
+    section = (loaded.manifest or {}).get("quantization")
+    emitters = quantized_emitters(Path(loaded.source["path"]), section, loaded.model) if section else None
+    return DecoderGraph(loaded.model, loaded.family, emitters).eval()
+
+
+def run_export(options: ExportOptions) -> Path:
+    started = time.perf_counter()
+    # Entered first, so a --out that may not be replaced fails before the model is loaded.
+    with staged_folder(options.out) as tmp:
+        loaded = load_model(options.model)
+        graph = build_graph(loaded)
+        tokens = check_token_ids(graph.shape.vocab_size, options.check_tokens, options.seed)
+        checks: dict[str, Any] = {"tokens": list(tokens.shape), "decode_steps": options.decode_steps,
+                                  "graph_vs_model": check_graph_matches_model(graph, loaded.model, tokens)}
+        manifest = write_onnx_folder(loaded, graph, tmp)
+        check_onnx_file(tmp / GRAPH_NAME)
+        if graph.quantized_linears():
+            checks["quantized_layers_max_rel_error"] = check_quantized_layers(graph, tokens)
+        checks.update(check_runtime(OnnxDecoder(tmp), graph, tokens, options.decode_steps))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp))
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"stage": "export"}) + "\n")
+        manifest["checks"] = checks
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file() and p.name != MANIFEST_NAME}
+        _write_json(tmp / MANIFEST_NAME, manifest)
+    return Path(options.out)
+
+
+def write_onnx_folder(loaded: LoadedModel, graph: DecoderGraph, folder: Path) -> dict[str, Any]:
+    """model.onnx, model.onnx.data and a first export.json (no checks or hashes yet); returns the manifest."""
+    export_onnx(graph, folder)
+    manifest = export_manifest(loaded, graph)
+    _write_json(folder / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def export_manifest(loaded: LoadedModel, graph: DecoderGraph) -> dict[str, Any]:
+    """Everything a runtime or a reader needs to know about the graph, and where it came from."""
+    shape = graph.shape
+    return {
+        "format": EXPORT_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "graph": GRAPH_NAME,
+        "external_data": DATA_NAME,
+        "opset": OPSET,
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "session_config": SESSION_CONFIG,
+        **io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size),
+        "position_ids": "computed in the graph: cumsum(attention_mask) - 1 (left padding is supported)",
+        "model_type": loaded.model.config.model_type,
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "hidden_size": shape.hidden_size,
+        "vocab_size": shape.vocab_size,
+        "sliding_windows": [layer.sliding_window for layer in graph.layers],
+        "eos_token_ids": eos_token_ids(loaded),
+        "linears": {module.path: module.emitter.describe() for module in graph.modules()
+                    if isinstance(module, ExportLinear) and module.emitter is not None},
+        "model_source": loaded.source,
+        "source_manifest": loaded.manifest,
+        "versions": package_versions(),
+    }
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """End-of-sequence ids from the generation config, the model config and the tokenizer, merged."""
+    found: list[Any] = []
+    for owner in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
+        value = getattr(owner, "eos_token_id", None) if owner is not None else None
+        found += value if isinstance(value, list) else [value]
+    return sorted({int(token) for token in found if token is not None})
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -1,0 +1,106 @@
+"""`rotaq export` / `rotaq generate` on stage folders: manifest, checks, quantized kernels, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.layout import DATA_NAME, GRAPH_NAME, read_layout
+from export.runtime import OnnxDecoder
+from export.stage import ExportOptions, run_export
+from pipeline.artifacts import sha256_file
+from pipeline.cli import main
+from pipeline.errors import ArtifactError, RotaqError
+from pipeline.loading import load_model
+from quantizers.stage import QuantizeOptions, run_quantize
+from rotations.stage import RotateOptions, run_rotate
+from tests.test_export_families import (
+    check_greedy_matches_hf_generate,
+    check_left_padding,
+    check_prefill_then_decode,
+    check_runtime_matches_pytorch,
+)
+
+
+@pytest.fixture(scope="module")
+def rotated_folder(tiny_hf_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_rotate(RotateOptions(model=str(tiny_hf_folder), out=tmp_path_factory.mktemp("stage") / "rotated"))
+
+
+@pytest.fixture(scope="module")
+def exported_folder(rotated_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage") / "onnx"
+    assert main(["export", "--model", str(rotated_folder), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_folder_has_checked_graph_tokenizer_and_manifest(exported_folder: Path, rotated_folder: Path) -> None:
+    manifest = read_layout(exported_folder).manifest
+    names = [entry["name"] for entry in manifest["inputs"]]
+    assert names[:4] == ["input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"]
+    assert [entry["name"] for entry in manifest["outputs"]][:2] == ["logits", "present.0.key"]
+    assert manifest["inputs"][2]["shape"] == ["batch", manifest["num_kv_heads"], "past_sequence", manifest["head_dim"]]
+    assert manifest["source_manifest"]["rotation"]["online"] and manifest["model_source"]["kind"] == "artifact"
+    checks = manifest["checks"]
+    assert checks["graph_vs_model"]["max_rel_error"] < 1e-5 and checks["ort_vs_torch"]["max_rel_error"] < 1e-4
+    assert checks["decode_vs_prefill"]["max_rel_error"] < 1e-4 and manifest["linears"] == {}
+    assert {GRAPH_NAME, DATA_NAME, "tokenizer.json"} <= set(manifest["files"])
+    assert all(sha256_file(exported_folder / name) == digest for name, digest in manifest["files"].items())
+    graph = onnx.load(str(exported_folder / GRAPH_NAME), load_external_data=False)
+    assert {opset.domain or "ai.onnx": opset.version for opset in graph.opset_import}["ai.onnx"] >= 21
+    assert [dim.dim_param for dim in graph.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+
+
+def test_exported_rotated_folder_is_faithful(exported_folder: Path, rotated_folder: Path) -> None:
+    """The family checks, on the stage's own path: a rotated folder reloaded with its online rotations."""
+    model, decoder = load_model(str(rotated_folder)).model, OnnxDecoder(exported_folder)
+    check_runtime_matches_pytorch(model, decoder)
+    check_prefill_then_decode(decoder)
+    check_left_padding(decoder)
+    check_greedy_matches_hf_generate(model, decoder)
+
+
+def test_generate_streams_the_greedy_continuation(exported_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", str(exported_folder), "--prompt", "w5 w6 w7", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("w5 w6 w7 w") and "new tokens" in printed.err
+
+
+def test_quantized_folder_exports_with_its_integer_kernels(rotated_folder: Path, tmp_path: Path) -> None:
+    quantized = run_quantize(QuantizeOptions(model=str(rotated_folder), out=tmp_path / "w4a4", scheme="w4a4",
+                                             weights="rtn", progress=False))
+    manifest = read_layout(run_export(ExportOptions(model=str(quantized), out=tmp_path / "onnx"))).manifest
+    kinds = {path: entry["kind"] for path, entry in manifest["linears"].items()}
+    assert kinds.pop("lm_head") == "matmul_nbits"
+    assert set(kinds.values()) == {"qdq"} and len(kinds) == 7 * manifest["num_layers"]
+    assert manifest["checks"]["quantized_layers_max_rel_error"] < 1e-5
+    assert manifest["checks"]["ort_vs_torch"]["top1_agreement"] > 0.9
+    graph = onnx.load(str(tmp_path / "onnx" / GRAPH_NAME), load_external_data=False)
+    assert {"DequantizeLinear", "MatMulNBits"} <= {node.op_type for node in graph.graph.node}
+
+
+def test_bad_inputs_fail_with_one_clear_line(exported_folder: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("hello")
+    assert main(["export", "--model", str(not_a_model), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a rotaq folder" in capsys.readouterr().err
+    assert main(["generate", str(not_a_model), "--prompt", "w5"]) == 2
+    assert "not a rotaq ONNX export" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(exported_folder, broken)
+    (broken / GRAPH_NAME).write_bytes(b"not a protobuf")
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load"):
+        OnnxDecoder(broken)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_a_folder_it_did_not_write(rotated_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(RotaqError, match="refusing to overwrite"):
+        run_export(ExportOptions(model=str(rotated_folder), out=tmp_path))
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

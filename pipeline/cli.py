@@ -17,9 +17,11 @@ from pipeline.errors import RotaqError
 # In pipeline order; each module defines register(subparsers).
 COMMAND_MODULES = (
     "rotations.commands",
+    "adapters.commands",
     "quantizers.commands",
     "eval.commands",
     "export.commands",
+    "pipeline.run_commands",
 )
 
 

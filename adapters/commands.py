@@ -1,0 +1,90 @@
+"""`rotaq finetune` and `rotaq merge`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from adapters.config import ADAPTER_TYPES
+from pipeline.cli_args import add_model_argument
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from adapters.finetune import FinetuneOptions, run_finetune
+    from adapters.train import TrainConfig
+    from pipeline.artifacts import read_manifest
+
+    training = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+                           gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+    out = run_finetune(FinetuneOptions(
+        model=args.model, out=Path(args.out), adapter=args.adapter, targets=args.targets, rank=args.rank,
+        alpha=args.alpha, dropout=args.dropout, pre_num=args.pre_num, qat=args.qat, training=training, data=args.data,
+        seq_len=args.seq_len, eval_tokens=args.eval_tokens, resume=args.resume,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None))
+    if PartialState().is_main_process:
+        summary = read_manifest(out)["adapters"]["training"]
+        print(f"adapters written to {out}: final loss {summary['final_loss']:.4f}, eval perplexity "
+              f"{summary['eval_perplexity_before']:.3f} → {summary['eval_perplexity_after']:.3f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from adapters.merge_stage import MergeOptions, run_merge
+
+    out, section = run_merge(MergeOptions(model=args.model, out=Path(args.out), method=args.method, data=args.data,
+                                          seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+                                          calibration_tokens=args.calibration_tokens, ridge=args.ridge))
+    error = section["error"]
+    print(f"merged {section['adapter_type']} ({section['method']}) into {out}: perplexity "
+          f"{error['perplexity_adapted']:.4f} (adapted) → {error['perplexity_merged']:.4f} (merged), "
+          f"KL {error['kl_divergence']:.2e}, max relative logit error {error['max_relative_logit_error']:.2e}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    finetune = commands.add_parser("finetune", help="stage 2: train (Res)LoRA adapters on the frozen rotated weights")
+    add_model_argument(finetune)
+    finetune.add_argument("--out", required=True, help="output folder (written atomically)")
+    finetune.add_argument("--adapter", default="lora", help=f"one of {', '.join(ADAPTER_TYPES)} (default lora)")
+    finetune.add_argument("--rank", type=int, default=8)
+    finetune.add_argument("--alpha", type=float, default=16.0, help="scaling s = alpha / rank (default 16)")
+    finetune.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+    finetune.add_argument("--pre-num", type=int, default=None,
+                          help="earlier blocks a reslora-bs/ms shortcut reaches (default 2)")
+    finetune.add_argument("--targets", default=None,
+                          help="comma-separated projections, e.g. q_proj,v_proj (default: all seven)")
+    finetune.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    finetune.add_argument("--lr", type=float, default=2e-4)
+    finetune.add_argument("--batch-size", type=int, default=4, help="windows per process per micro-batch")
+    finetune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    finetune.add_argument("--warmup", type=int, default=10, help="linear warmup steps before the cosine decay")
+    finetune.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    finetune.add_argument("--data", default=None, help="training text, as for `rotaq eval` (default: Shakespeare)")
+    finetune.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval (0: start and end)")
+    finetune.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per evaluation")
+    finetune.add_argument("--save-every", type=int, default=50, help="checkpoint interval (0: at the end only)")
+    finetune.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.checkpoints)")
+    finetune.add_argument("--qat", default=None, metavar="SCHEME",
+                          help="quantization-aware training for a scheme such as w4a4 or w4a16-g128")
+    finetune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue from the last checkpoint (refused if the settings differ)")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(handler=_cmd_finetune)
+
+    merge = commands.add_parser("merge", help="stage 3: fold the adapters into plain weights and measure the error")
+    merge.add_argument("--model", required=True, help="finetune stage folder")
+    merge.add_argument("--out", required=True, help="output folder (written atomically)")
+    merge.add_argument("--method", default="lstsq",
+                       help="lstsq or paper: how reslora-is/ms shortcuts merge (lora, reslora-bs: always exact)")
+    merge.add_argument("--data", default=None, help="text for calibration and evaluation (default: the training text)")
+    merge.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the training length)")
+    merge.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the merge error")
+    merge.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens for --method lstsq")
+    merge.add_argument("--ridge", type=float, default=None,
+                       help="lstsq ridge relative to the mean input energy (default: best of 1e-3…1 by KL)")
+    merge.set_defaults(handler=_cmd_merge)

@@ -1,0 +1,145 @@
+"""The finetune stage: a (rotated) stage folder in, the same frozen weights plus trained adapters out.
+
+Output folder: model.safetensors (the parent's tensors, unchanged and under the same names, plus the
+adapter tensors, so `load_model` rebuilds the adapted model in one strict load), adapters.safetensors
+(the adapter tensors alone), training_log.json, and a manifest whose 'adapters' section describes
+them; the parent's 'rotation' section is carried forward so the folder reloads with its online
+rotations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from adapters.checkpoint import CheckpointFolder
+from adapters.config import AdapterConfig, default_pre_num, resolve_targets
+from adapters.input_norms import NORM_BATCHES
+from adapters.structure import adapter_state_dict, install_adapters
+from adapters.train import TrainConfig, TrainResult, train_adapters
+from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, write_model_artifact
+from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from pipeline.errors import ArtifactError, RotaqError
+from pipeline.loading import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS_FILE = "adapters.safetensors"
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    model: str | None
+    out: Path
+    adapter: str = "lora"
+    targets: str | None = None  # comma-separated; None: all seven projections
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    pre_num: int | None = None  # None: the type's default
+    qat: str | None = None
+    training: TrainConfig = field(default_factory=TrainConfig)
+    data: str | None = None
+    seq_len: int = 256
+    eval_tokens: int = 4096
+    resume: bool = False
+    checkpoint_dir: Path | None = None  # default: <out>.checkpoints
+    progress: bool = True
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(f"{self.out}.checkpoints")
+
+
+def run_finetune(options: FinetuneOptions) -> Path:
+    """Train adapters on the train split and write the finetune folder (from the main process)."""
+    from accelerate import Accelerator
+
+    _refuse_unreplaceable_out(Path(options.out))
+    # Without CUDA, accelerate only sets up multi-process (gloo) training when told it runs on the CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    loaded = load_model(options.model)
+    _refuse_unsuitable_parent(loaded, options.model)
+    config = adapter_config(options, loaded)
+    install_adapters(loaded.model, loaded.family, config, seed=options.training.seed)
+    train_windows = load_split_windows(DataSpec(options.data, options.seq_len), loaded.tokenizer, "train")
+    eval_windows = load_split_windows(DataSpec(options.data, options.seq_len, options.eval_tokens), loaded.tokenizer,
+                                      "evaluation")
+    settings = _trajectory_settings(options, config, loaded, train_windows, accelerator.num_processes)
+    checkpoints = CheckpointFolder(options.checkpoint_folder, settings, accelerator)
+    resume_from = checkpoints.checkpoint_to_resume(options.resume)
+    if resume_from is not None:
+        logger.info("resuming from %s", resume_from)
+    result = train_adapters(loaded.model, train_windows, eval_windows, options.training, checkpoints, resume_from,
+                            accelerator, progress=options.progress)
+    if accelerator.is_main_process:
+        _write_folder(options, loaded, config, result, eval_windows)
+    accelerator.wait_for_everyone()
+    return Path(options.out)
+
+
+def adapter_config(options: FinetuneOptions, loaded: LoadedModel) -> AdapterConfig:
+    pre_num = options.pre_num if options.pre_num is not None else default_pre_num(options.adapter)
+    return AdapterConfig(kind=options.adapter, targets=resolve_targets(options.targets, loaded.family),
+                         rank=options.rank, alpha=options.alpha, dropout=options.dropout, pre_num=pre_num,
+                         qat=options.qat)
+
+
+def _refuse_unreplaceable_out(out: Path) -> None:
+    """Fail before training, not after it, when --out could not be written."""
+    if out.exists() and not is_artifact(out) and (not out.is_dir() or any(out.iterdir())):
+        raise ArtifactError(f"refusing to overwrite {out}: it exists and is not a rotaq output folder")
+
+
+def _refuse_unsuitable_parent(loaded: LoadedModel, reference: str | None) -> None:
+    manifest = loaded.manifest or {}
+    if "adapters" in manifest:
+        raise RotaqError(f"{reference} already has adapters; merge them first (rotaq merge), then fine-tune again")
+    if "quantization" in manifest:
+        raise RotaqError(f"{reference} is quantized; fine-tune the rotated float model and quantize afterwards "
+                         "(use --qat to train for the quantized deployment)")
+
+
+def _trajectory_settings(options: FinetuneOptions, config: AdapterConfig, loaded: LoadedModel,
+                         train_windows: Any, processes: int) -> dict[str, Any]:
+    """Everything that determines the trained adapters; a checkpoint only resumes under the same values."""
+    manifest = loaded.manifest or {}
+    base = {"weights_sha256": manifest.get("files", {}).get(WEIGHTS_NAME)} if manifest else loaded.source
+    return {"adapter": config.to_section(), "training": options.training.trajectory_settings(),
+            "data": {"source": options.data or "default", "seq_len": options.seq_len,
+                     "train_windows_sha256": windows_fingerprint(train_windows)},
+            "base_model": base, "processes": processes}
+
+
+def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: AdapterConfig, result: TrainResult,
+                  eval_windows: Any) -> None:
+    parent = loaded.manifest or {}
+    option_values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+    manifest = new_manifest("finetune", option_values, loaded.source, loaded.manifest)
+    if "rotation" in parent:
+        manifest["rotation"] = parent["rotation"]
+    manifest["adapters"] = {**config.to_section(), "file": ADAPTERS_FILE,
+                            "input_norm_ratios": result.input_norm_ratios, "input_norm_batches": NORM_BATCHES,
+                            "training": training_summary(result.log, eval_windows)}
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state_dict(loaded.model).items()}
+    write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest, extra_writers={
+        ADAPTERS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        TRAINING_LOG_FILE: lambda path: path.write_text(json.dumps(result.log, indent=1) + "\n"),
+    })
+
+
+def training_summary(log: dict[str, Any], eval_windows: Any) -> dict[str, Any]:
+    """The numbers a reader of the manifest wants first; the full curves are in training_log.json."""
+    evaluations = log["evaluations"]
+    return {"steps": len(log["steps"]), "final_loss": log["steps"][-1]["loss"] if log["steps"] else None,
+            "eval_perplexity_before": evaluations[0]["perplexity"] if evaluations else None,
+            "eval_perplexity_after": evaluations[-1]["perplexity"] if evaluations else None,
+            "eval_windows_sha256": windows_fingerprint(eval_windows), "tokens_per_s": log.get("tokens_per_s"),
+            "wall_time_s": log["wall_time_s"], "processes": log.get("processes")}

@@ -1,0 +1,154 @@
+"""The merge stage: a finetune folder in, a plain (rotated) model with the adapters folded in out.
+
+lora and reslora-bs merge exactly. reslora-is/ms shortcuts read earlier layers' inputs, which no single
+weight can reproduce; they are merged with the paper's norm-ratio approximation or a least-squares map
+fitted on calibration inputs (adapters/merge.py), and the error this costs is measured against the
+unmerged adapted model on held-out windows and recorded in the manifest's 'merge' section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adapters.config import AdapterConfig
+from adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
+from adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
+from eval.metrics import evaluate
+from pipeline.artifacts import new_manifest, write_model_artifact
+from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from pipeline.errors import ArtifactError, RotaqError
+from pipeline.loading import LoadedModel, load_model
+
+MERGE_METHODS = ("lstsq", "paper")
+# λ / mean(diag Σ x xᵀ) tried by the lstsq merge; a larger ridge makes the fitted map less sensitive to the
+# input shift that merging earlier layers causes, a smaller one fits the shortcut more closely.
+RIDGE_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_SELECTION_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    model: str
+    out: Path
+    method: str = "lstsq"  # for reslora-is/ms; lora and reslora-bs always merge exactly
+    data: str | None = None  # default: the data the adapters were trained on
+    seq_len: int | None = None  # default: the training window length
+    eval_tokens: int = 4096
+    calibration_tokens: int = 8192
+    ridge: float | None = None  # None: the candidate with the lowest KL on calibration windows
+    batch_size: int = 4
+    memory_budget_mb: int = 512  # float32 Σ x xᵀ sums held at once; more layers → more calibration passes
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise RotaqError(f"unknown merge method '{self.method}'; choose one of {', '.join(MERGE_METHODS)}")
+        if self.ridge is not None and self.ridge <= 0:
+            raise RotaqError(f"--ridge must be positive, got {self.ridge}")
+
+
+def run_merge(options: MergeOptions) -> tuple[Path, dict[str, Any]]:
+    """Write the merged folder; returns it with the manifest's 'merge' section (method and measured error)."""
+    adapted = load_model(options.model)
+    section = _adapters_section(adapted, options.model)
+    config = AdapterConfig.from_section(section)
+    set_fake_quantization(adapted.model, None)  # the merge error is measured in float; QAT is recorded below
+    installed = installed_adapters(adapted.model)
+    training_options = adapted.manifest.get("options") or {}
+    data = DataSpec(options.data or training_options.get("data"),
+                    options.seq_len or training_options.get("seq_len") or 256)
+    method = options.method if config.has_shortcuts else "exact"
+
+    merged = load_model(options.model)
+    if method == "lstsq":
+        calibration = _merge_lstsq(merged.model, adapted, installed, data, options)
+    else:
+        maps = paper_shortcut_maps(installed, _norm_ratios(section)) if method == "paper" else {}
+        remove_adapters(merged.model, merged_weights(installed, maps))
+        calibration = None
+    eval_windows = load_split_windows(DataSpec(data.source, data.seq_len, options.eval_tokens), adapted.tokenizer,
+                                      "evaluation")
+    merge_section = {"adapter_type": config.kind, "method": method, "exact": not config.has_shortcuts,
+                     "qat": config.qat, "adapters": {k: section[k] for k in ("targets", "rank", "alpha", "pre_num")},
+                     "error": merge_error(merged.model, adapted.model, eval_windows, options.batch_size),
+                     "evaluation": {"data": data.source or "default", "seq_len": data.seq_len,
+                                    "windows": int(eval_windows.shape[0]),
+                                    "windows_sha256": windows_fingerprint(eval_windows)}}
+    if calibration:
+        merge_section["calibration"] = calibration
+    manifest = new_manifest("merge", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+                            adapted.source, adapted.manifest)
+    if "rotation" in adapted.manifest:
+        manifest["rotation"] = adapted.manifest["rotation"]
+    manifest["merge"] = merge_section
+    return write_model_artifact(options.out, merged.model, merged.tokenizer, manifest), merge_section
+
+
+def _adapters_section(loaded: LoadedModel, reference: str) -> dict[str, Any]:
+    section = (loaded.manifest or {}).get("adapters")
+    if not section:
+        stage = (loaded.manifest or {}).get("stage", "not a rotaq stage folder")
+        raise ArtifactError(f"nothing to merge: {reference} has no adapters ({stage}); pass a folder written by "
+                            "rotaq finetune")
+    return section
+
+
+def _norm_ratios(section: dict[str, Any]) -> dict[str, list[list[float]]]:
+    if not section.get("input_norm_ratios"):
+        raise ArtifactError("the finetune folder has no input-norm statistics for the paper merge; use --method lstsq")
+    return section["input_norm_ratios"]
+
+
+def _merge_lstsq(merged_model: nn.Module, adapted: LoadedModel, installed: InstalledAdapters, data: DataSpec,
+                 options: MergeOptions) -> dict[str, Any]:
+    """Fit the shortcut maps on calibration windows, keep the ridge whose merge has the lowest calibration KL."""
+    windows = load_split_windows(DataSpec(data.source, data.seq_len, options.calibration_tokens), adapted.tokenizer,
+                                 "calibration")
+    ridges = (options.ridge,) if options.ridge is not None else RIDGE_CANDIDATES
+    candidates = lstsq_shortcut_maps(adapted.model, installed, windows, options.batch_size, ridges,
+                                     options.memory_budget_mb << 20)
+    remove_adapters(merged_model, merged_weights(installed, candidates[ridges[0]]))
+    selection = windows[:max(1, RIDGE_SELECTION_TOKENS // data.seq_len)]
+    kl_by_ridge = {}
+    for ridge in ridges if len(ridges) > 1 else ():
+        set_weights(merged_model, merged_weights(installed, candidates[ridge]))
+        kl_by_ridge[ridge] = evaluate(merged_model, selection, reference=adapted.model, batch_size=options.batch_size,
+                                      progress=False).kl_divergence
+    chosen = min(kl_by_ridge, key=kl_by_ridge.get) if kl_by_ridge else ridges[0]
+    set_weights(merged_model, merged_weights(installed, candidates[chosen]))
+    return {"split": "calibration", "tokens": int(windows.numel()), "windows_sha256": windows_fingerprint(windows),
+            "ridge": chosen, "ridge_selection_kl": {str(r): kl for r, kl in kl_by_ridge.items()},
+            "ridge_selection_tokens": int(selection.numel())}
+
+
+@torch.no_grad()
+def set_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    for path, weight in weights.items():
+        model.get_submodule(path).weight.copy_(weight)
+
+
+def merge_error(merged: nn.Module, adapted: nn.Module, windows: Tensor, batch_size: int) -> dict[str, float]:
+    """Perplexity of both, KL(adapted ‖ merged), top-1 agreement, and max|Δlogit| / max|logit| over all windows."""
+    adapted_result = evaluate(adapted, windows, batch_size=batch_size, progress=False)
+    merged_result = evaluate(merged, windows, reference=adapted, batch_size=batch_size, progress=False)
+    return {"perplexity_adapted": adapted_result.perplexity, "perplexity_merged": merged_result.perplexity,
+            "kl_divergence": merged_result.kl_divergence, "top1_agreement": merged_result.top1_agreement,
+            "max_relative_logit_error": max_relative_logit_error(merged, adapted, windows, batch_size),
+            "tokens": merged_result.tokens}
+
+
+@torch.inference_mode()
+def max_relative_logit_error(model: nn.Module, reference: nn.Module, windows: Tensor, batch_size: int) -> float:
+    """max|a − b| / max|b| over every logit of every window (a: model, b: reference)."""
+    device = next(model.parameters()).device
+    largest_gap = largest_logit = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        logits, reference_logits = model(input_ids=batch).logits, reference(input_ids=batch).logits
+        largest_gap = max(largest_gap, float((logits - reference_logits).abs().max()))
+        largest_logit = max(largest_logit, float(reference_logits.abs().max()))
+    return largest_gap / largest_logit if largest_logit else 0.0

@@ -1,0 +1,227 @@
+"""Read a `rotaq run` configuration: a YAML file plus `--set key.path=value` overrides → a validated RunConfig.
+
+Every problem is reported at once, each line starting with its dotted key (`quantize.weights: ...`), so a
+file is fixed in one pass. Overrides are parsed as YAML scalars (`8` is an int, `null` is None, `[a, b]` a
+list) and applied to the raw mapping before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import RotaqError
+from pipeline.run_config import KeyDoc, RunConfig, key_doc
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class ConfigError(RotaqError):
+    """The run configuration (file or --set) names an unknown key or holds a value of the wrong type or range."""
+
+
+class _InvalidValue(Exception):
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+
+
+def load_run_config(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The defaults, updated by the YAML file at `path` (if any), then by each `key.path=value` override."""
+    raw = read_yaml_mapping(Path(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(raw, *parse_override(override))
+    origin = str(path) if path is not None else "the default configuration"
+    return config_from_mapping(raw, f"{origin} with --set overrides" if overrides else origin)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (write a commented default one with `rotaq init`)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (model:, quantize:, ...), not {_yaml_type(raw)}")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`quantize.weights=rtn` → ("quantize.weights", "rtn"), the value typed as a YAML scalar or list."""
+    dotted, separator, value_text = text.partition("=")
+    if not separator or not dotted.strip():
+        raise ConfigError(f"--set expects KEY.PATH=VALUE, e.g. quantize.weights=rtn; got {text!r}")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted.strip()}: {value_text!r} is not a YAML value ({exc})") from exc
+    return dotted.strip(), value
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `dotted` in the nested mapping, creating sections as needed; unknown keys are left to validation."""
+    parts = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth + 1])} is a single value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_mapping(raw: Mapping[str, Any], origin: str = "the configuration") -> RunConfig:
+    """Validate a parsed YAML mapping into a RunConfig, or raise one ConfigError naming every bad key."""
+    problems: list[str] = []
+    config = _build_section(RunConfig, raw, "", problems)
+    if not problems:
+        problems = config.window_problems()
+    if problems:
+        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(problems))
+    return config
+
+
+def key_paths(section_class: type = RunConfig, prefix: str = "", sections: bool = False) -> list[str]:
+    """Every valid dotted key in declaration order; with `sections`, the section names too."""
+    paths = []
+    hints = typing.get_type_hints(section_class)
+    for item in fields(section_class):
+        path = f"{prefix}{item.name}"
+        if not is_dataclass(hints[item.name]):
+            paths.append(path)
+            continue
+        if sections:
+            paths.append(path)
+        paths += key_paths(hints[item.name], f"{path}.", sections)
+    return paths
+
+
+def suggest_key(unknown: str, valid: Sequence[str]) -> str | None:
+    """The key meant by a misplaced or misspelled one: the same name in another section, else the closest spelling."""
+    parent, _, name = unknown.rpartition(".")
+    same_name = [path for path in valid if path.rpartition(".")[2] == name]
+    if same_name:
+        return same_name[0]
+    siblings = [path for path in valid if path.rpartition(".")[0] == parent]
+    for candidates in (siblings, valid):
+        matches = difflib.get_close_matches(unknown, candidates, n=1, cutoff=0.6)
+        if matches:
+            return matches[0]
+    return None
+
+
+def _build_section(section_class: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:  # a section whose keys are all commented out
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: expected a mapping of keys, got {_yaml_type(raw)}")
+        return section_class()
+    hints = typing.get_type_hints(section_class)
+    declared = {item.name: item for item in fields(section_class)}
+    for name in raw:
+        if name not in declared:
+            suggestion = suggest_key(f"{prefix}{name}", key_paths(sections=True))
+            hint = f"; did you mean {suggestion}?" if suggestion else ""
+            problems.append(f"{prefix}{name}: unknown key{hint}")
+    values = {}
+    for name, item in declared.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}{name}"
+        if is_dataclass(hints[name]):
+            values[name] = _build_section(hints[name], raw[name], f"{key}.", problems)
+            continue
+        try:
+            value = _convert(raw[name], hints[name], key)
+            _check_constraints(value, key_doc(item), key)
+        except _InvalidValue as exc:
+            problems.append(str(exc))
+            continue
+        values[name] = value
+    return section_class(**values)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """The value as the annotated type (`X | None`, `tuple[X, ...]`, bool, int, float, str), or _InvalidValue."""
+    optional, annotation = _without_none(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise _InvalidValue(key, f"expected {_describe(annotation)}, got null")
+    if typing.get_origin(annotation) is tuple:
+        item_type = typing.get_args(annotation)[0]
+        items = value if isinstance(value, list) else [value]  # one value stands for a one-item list
+        return tuple(_convert_scalar(item, item_type, f"{key}[{index}]") for index, item in enumerate(items))
+    return _convert_scalar(value, annotation, key)
+
+
+def _convert_scalar(value: Any, expected: type, key: str) -> Any:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (expected is bool and isinstance(value, bool)) or (expected is str and isinstance(value, str)):
+        return value
+    if expected is int and is_number and isinstance(value, int):
+        return value
+    if expected is float and is_number:
+        return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            if math.isfinite(number := float(value)):
+                return number
+    raise _InvalidValue(key, f"expected {_TYPE_NAMES[expected]}, got {value!r} ({_yaml_type(value)})")
+
+
+def _check_constraints(value: Any, doc: KeyDoc, key: str) -> None:
+    if value is None:
+        return
+    items = value if isinstance(value, tuple) else (value,)
+    choices = _allowed_values(doc)
+    for item in items:
+        if choices is not None and item not in choices:
+            raise _InvalidValue(key, f"{item!r} is not one of {', '.join(choices)}")
+        if doc.minimum is not None and item < doc.minimum:
+            raise _InvalidValue(key, f"must be at least {doc.minimum:g}, got {item}")
+    if doc.check is not None and (problem := doc.check(value)):
+        raise _InvalidValue(key, problem)
+
+
+def _allowed_values(doc: KeyDoc) -> Sequence[str] | None:
+    if doc.choices is None:
+        return None
+    try:
+        return doc.choices()
+    except ImportError:  # the owning stage is not in this codebase: the run reports it as not available
+        return None
+
+
+def _without_none(annotation: Any) -> tuple[bool, Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return len(members) < len(typing.get_args(annotation)), members[0]
+    return False, annotation
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return f"a list of {_TYPE_NAMES[typing.get_args(annotation)[0]].removeprefix('a ').removeprefix('an ')}s"
+    return _TYPE_NAMES[annotation]
+
+
+def _yaml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,242 @@
+"""`report.md` and a self-contained `report.html` for a `rotaq run` folder, from the run's JSON files only.
+
+Read: run.json (configuration, plan, skipped stages), stages/*.json (keys, timings), the stage folders'
+manifests (package versions, fine-tuning and merge sections), results.json (accuracy), outliers/*.json
+with outliers.png, and every bench stage's bench.json. A section whose file is absent is left out; no
+number is computed or typed here that is not in one of those files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write
+from pipeline.config_template import yaml_value
+from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, is_numeric_column, render_markdown
+from pipeline.report_charts import plot_bench
+from pipeline.report_html import render_html
+from pipeline.run_results import RESULTS_FILE
+from pipeline.stage_cache import RUN_RECORD, read_marker
+
+REPORT_MARKDOWN = "report.md"
+REPORT_HTML = "report.html"
+CHARTS_FOLDER = "report_files"
+WORST_LAYERS_SHOWN = 10
+
+_ACCURACY_COLUMNS = ["model", "stage", "scheme", "weights", "perplexity", "kl_divergence", "top1_agreement"]
+_ACCURACY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".2%"}
+# (row label, statistic in outliers_summary.json, its worst-layer field or None)
+_OUTLIER_STATISTICS = [
+    ("max |x| / RMS, worst layer", "max_abs_over_rms", "max_abs_over_rms_layer"),
+    ("max |x| / RMS, mean over layers", "mean_max_abs_over_rms", None),
+    ("kurtosis, worst layer", "max_kurtosis", "max_kurtosis_layer"),
+    ("kurtosis, mean over layers", "mean_kurtosis", None),
+    ("max |x|", "max_abs", "max_abs_layer"),
+]
+_LAYER_COLUMNS = ["layer", "max_abs_over_rms_before", "max_abs_over_rms_after", "kurtosis_before", "kurtosis_after"]
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The JSON files of one run folder, by the names run.json gives its stages."""
+
+    folder: Path
+    record: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: Path) -> RunFiles:
+        return cls(folder, json.loads((folder / RUN_RECORD).read_text()))
+
+    def json(self, relative: str) -> Any:
+        """A JSON file of the run, or None when it was not written."""
+        path = self.folder / relative
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def stages(self, stage: str | None = None) -> list[dict[str, Any]]:
+        return [entry for entry in self.record["stages"] if stage is None or entry["stage"] == stage]
+
+    def stage_named(self, name: str) -> dict[str, Any] | None:
+        return next((entry for entry in self.record["stages"] if entry["name"] == name), None)
+
+
+def write_report(run_folder: Path) -> Path:
+    """Write report.md and report.html into the run folder; returns the HTML path."""
+    run = RunFiles.load(Path(run_folder))
+    config = run.record["config"]
+    blocks: list[Block] = [
+        Paragraph(f"Model {config['model']}, text {config['data']}, windows of {config['seq_len']} tokens; "
+                  f"rotaq {run.record['rotaq_version']}."),
+        *_accuracy_section(run), *_outlier_section(run), *_adapter_section(run), *_bench_section(run),
+        *_stage_section(run), *_configuration_section(run), *_software_section(run),
+    ]
+    title = f"rotaq run report: {config['model']}"
+    atomic_write(run.folder / REPORT_MARKDOWN, render_markdown(title, blocks))
+    atomic_write(run.folder / REPORT_HTML, render_html(title, blocks, run.folder))
+    return run.folder / REPORT_HTML
+
+
+def _accuracy_section(run: RunFiles) -> list[Block]:
+    results = run.json(RESULTS_FILE)
+    if not results or not results["rows"]:
+        return []
+    rows = results["rows"]
+    fingerprints = {row.get("windows_sha256") for row in rows}
+    same_tokens = (f" Every model was scored on the same windows (sha256 {fingerprints.pop()})."
+                   if len(fingerprints) == 1 else "")
+    reference = ", ".join(results["reference"]) or "none"
+    return [Heading("Accuracy"),
+            Paragraph(f"Perplexity on the {results['split']} split of {results['data']}: {rows[0]['tokens']} "
+                      f"predicted tokens per model in windows of {rows[0]['seq_len']}. KL divergence "
+                      f"KL(reference ‖ model) per token and top-1 agreement are against the float source model "
+                      f"({reference}).{same_tokens}"),
+            Table(rows, _ACCURACY_COLUMNS, _ACCURACY_FORMATS)]
+
+
+def _outlier_section(run: RunFiles) -> list[Block]:
+    blocks: list[Block] = []
+    for entry in run.stages("outliers"):
+        summary = run.json(entry["done_file"])
+        if summary is None:
+            continue
+        before, after = summary["before_summary"], summary["after_summary"]
+        statistics = [{"statistic": label, "before": before[key], "after": after[key],
+                       "layer before": before[layer] if layer else None, "layer after": after[layer] if layer else None}
+                      for label, key, layer in _OUTLIER_STATISTICS]
+        blocks += [Heading("Activation outliers before and after rotation"),
+                   Paragraph(f"Inputs of the {before['layers']} linear layers on {summary['windows']} calibration "
+                             f"windows of {summary['seq_len']} tokens, before ({summary['before']}) and after "
+                             "rotation. Peak-to-RMS is 1 for a flat vector; kurtosis is 3 for Gaussian entries."),
+                   Table(statistics, ["statistic", "before", "after", "layer before", "layer after"])]
+        layers = run.json(f"{entry['output']}/outliers.json") or []
+        worst = sorted(layers, key=lambda row: -(row.get("max_abs_over_rms_before") or 0.0))[:WORST_LAYERS_SHOWN]
+        if worst:
+            blocks += [Paragraph(f"The {len(worst)} layers with the largest peak-to-RMS ratio before rotation "
+                                 f"(every layer: {entry['output']}/outliers.md):"),
+                       Table(worst, _LAYER_COLUMNS)]
+        if (run.folder / entry["output"] / "outliers.png").is_file():
+            blocks.append(Figure(f"{entry['output']}/outliers.png", "Per-layer peak-to-RMS ratio and kurtosis"))
+    return blocks
+
+
+def _adapter_section(run: RunFiles) -> list[Block]:
+    rows: list[dict[str, Any]] = []
+    for entry in run.stages("finetune"):
+        adapters = (run.json(entry["done_file"]) or {}).get("adapters") or {}
+        training = adapters.get("training") or {}
+        rows += _quantities("fine-tuning", {
+            "adapter": adapters.get("type"), "rank": adapters.get("rank"), "alpha": adapters.get("alpha"),
+            "qat": adapters.get("qat"), **{k: training.get(k) for k in (
+                "steps", "final_loss", "eval_perplexity_before", "eval_perplexity_after", "tokens_per_s",
+                "wall_time_s")}})
+    for entry in run.stages("merge"):
+        merge = (run.json(entry["done_file"]) or {}).get("merge") or {}
+        rows += _quantities("merge", {"method": merge.get("method"), "exact": merge.get("exact"),
+                                      **(merge.get("error") or {})})
+    if not rows:
+        return []
+    return [Heading("Fine-tuning and merge"),
+            Paragraph("The merge error compares the merged model with the unmerged adapted one on held-out "
+                      "windows (KL and top-1 against the adapted model)."),
+            Table(rows, ["step", "quantity", "value"])]
+
+
+def _quantities(step: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"step": step, "quantity": name, "value": value} for name, value in values.items() if value is not None]
+
+
+def _bench_section(run: RunFiles) -> list[Block]:
+    rows = []
+    for entry in run.stages("bench"):
+        for row in run.json(entry["done_file"]) or []:
+            rows.append({"stage": entry["name"], **row})
+    if not rows:
+        return []
+    _fill_perplexity(run, rows)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    metrics = [c for c in columns if c != "perplexity" and is_numeric_column(rows, c)]
+    labels = [" ".join(str(row[k]) for k in ("model", "scheme") if row.get(k)) or row["stage"] for row in rows]
+    blocks: list[Block] = [Heading("Latency, size and memory"),
+                           Paragraph("Measured by the bench stage in ONNX Runtime on the exported graphs; "
+                                     "perplexity from results.json where the bench row has none."),
+                           Table(rows, columns)]
+    if metrics:
+        chart = f"{CHARTS_FOLDER}/bench.png"
+        plot_bench(rows, metrics, labels, run.folder / chart)
+        blocks.append(Figure(chart, "Bench results per exported model"))
+    return blocks
+
+
+def _fill_perplexity(run: RunFiles, rows: list[dict[str, Any]]) -> None:
+    """Give each bench row without one the perplexity of the model it was exported from."""
+    results = run.json(RESULTS_FILE) or {"rows": []}
+    perplexity = {row["model"]: row["perplexity"] for row in results["rows"]}
+    for row in rows:
+        if row.get("perplexity") is None:
+            model = _evaluated_upstream(run, row["stage"], perplexity)
+            row["perplexity"] = perplexity.get(model)
+
+
+def _evaluated_upstream(run: RunFiles, name: str, evaluated: Mapping[str, Any]) -> str | None:
+    """Follow a stage's `model` input up the plan to the first model that was evaluated."""
+    while name not in evaluated:
+        entry = run.stage_named(name)
+        if entry is None or "model" not in entry["inputs"]:
+            return None
+        name = entry["inputs"]["model"]
+    return name
+
+
+def _stage_section(run: RunFiles) -> list[Block]:
+    rows = []
+    for entry in run.stages():
+        if entry["stage"] == "report":
+            continue
+        marker = read_marker(run.folder, entry["name"]) or {}
+        finished = marker.get("key") == entry["key"]
+        rows.append({"stage": entry["name"], "status": "done" if finished else "not finished",
+                     "seconds": marker.get("seconds") if finished else None,
+                     "finished": marker.get("finished") if finished else None, "key": entry["key"][:16]})
+    rows += [{"stage": skipped["name"], "status": f"skipped ({skipped['reason']})"}
+             for skipped in run.record["skipped"]]
+    return [Heading("Stages"),
+            Paragraph("Each stage is cached under its key: SHA-256 of the stage name, its options, the keys of the "
+                      "stages it reads and the rotaq version (stages/<stage>.json). Seconds are those of the run "
+                      "that produced the output."),
+            Table(rows, ["stage", "status", "seconds", "finished", "key"], {"seconds": ".1f"})]
+
+
+def _configuration_section(run: RunFiles) -> list[Block]:
+    rows = [{"key": key, "value": yaml_value(value)} for key, value in _flatten(run.record["config"])
+            if key != "out"]  # the folder this report is in
+    return [Heading("Configuration"), Table(rows, ["key", "value"])]
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    flat = []
+    for key, value in values.items():
+        flat += _flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [(f"{prefix}{key}", value)]
+    return flat
+
+
+def _software_section(run: RunFiles) -> list[Block]:
+    """Package versions as each stage's manifest recorded them; differing versions get one row each."""
+    stages_by_version: dict[tuple[str, str], list[str]] = {}
+    reporting = []
+    for entry in run.stages():
+        manifest = run.json(entry["done_file"]) if entry["done_file"].endswith(".json") else None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("versions"), dict):
+            continue
+        reporting.append(entry["name"])
+        for package, version in manifest["versions"].items():
+            stages_by_version.setdefault((package, version), []).append(entry["name"])
+    if not reporting:
+        return []
+    rows = [{"package": package, "version": version,
+             "stages": "all" if len(names) == len(reporting) else ", ".join(names)}
+            for (package, version), names in stages_by_version.items()]
+    return [Heading("Software"), Paragraph(f"From the manifests of {', '.join(reporting)}."),
+            Table(rows, ["package", "version", "stages"])]

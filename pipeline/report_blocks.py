@@ -1,0 +1,73 @@
+"""The pieces a run report is made of, and their Markdown rendering.
+
+A report is collected once as a list of blocks and rendered twice (Markdown here, HTML in
+`pipeline.report_html`), so both files always say the same thing with the same digits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eval.tables import Format, markdown_table
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: Sequence[Mapping[str, Any]]
+    columns: Sequence[str]
+    formats: Mapping[str, Format] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: str  # relative to the run folder
+    caption: str
+
+
+Block = Heading | Paragraph | Table | Figure
+
+
+def cell_text(value: Any, fmt: Format | None) -> str:
+    """A cell as both renderers print it: the column's format, else floats to 4 significant digits."""
+    if value is None:
+        return ""
+    if callable(fmt):
+        return fmt(value)
+    if fmt is not None:
+        return format(value, fmt)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def is_numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+    present = [row.get(column) for row in rows if row.get(column) is not None]
+    return bool(present) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
+
+
+def render_markdown(title: str, blocks: Sequence[Block]) -> str:
+    parts = [f"# {title}"]
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Paragraph):
+            parts.append(block.text)
+        elif isinstance(block, Table):
+            parts.append(markdown_table(block.rows, block.columns, block.formats).rstrip("\n"))
+        else:
+            parts.append(f"![{block.caption}]({block.path})")
+    return "\n\n".join(parts) + "\n"

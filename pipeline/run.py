@@ -1,0 +1,119 @@
+"""`rotaq run`: every stage of the pipeline into one folder, reusing each stage that is already finished.
+
+A stage is reused when its marker holds the key the plan computed and its output is complete; otherwise
+its marker is removed, it runs (writing its output atomically), and a new marker is written. So Ctrl-C
+or a crash leaves every finished stage reusable, and the next run starts at the first unfinished one.
+`run.json` records the plan (stages, inputs, keys, skipped stages) and each stage's status in this run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_json_atomic
+from pipeline.errors import ArtifactError
+from pipeline.run_config import RunConfig
+from pipeline.run_plan import PlannedStage, RunPlan, plan_run
+from pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
+from pipeline.stage_registry import StageCall
+
+RUN_FORMAT = "rotaq-run/1"
+SCRATCH_FOLDER = "scratch"
+
+ProgressLine = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    status: str  # "done" (ran now), "cached" (reused), "skipped" (not available or needs a skipped stage), "failed"
+    seconds: float | None = None
+    reason: str | None = None
+
+    def describe(self) -> str:
+        if self.status == "done":
+            return f"done in {self.seconds:.1f} s"
+        return f"{self.status} ({self.reason})" if self.reason else self.status
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    folder: Path
+    stages: dict[str, StageOutcome]
+
+
+def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressLine | None = None,
+                 show_stage_progress: bool = True) -> RunOutcome:
+    """Run (or reuse) every planned stage in order into `out` (default: the config's `out`).
+
+    `progress` receives one line per stage as it starts and ends; the stages draw their own progress bars
+    when `show_stage_progress` is set.
+    """
+    say = progress or (lambda line: None)
+    run_folder = _prepare_run_folder(Path(out if out is not None else config.out))
+    plan = plan_run(config, run_folder)
+    outcomes = {skipped.name: StageOutcome("skipped", reason=skipped.reason) for skipped in plan.skipped}
+    for name, outcome in outcomes.items():
+        say(f"{name}: {outcome.describe()}")
+    _write_run_record(run_folder, config, plan, outcomes)
+    for index, stage in enumerate(plan.stages, 1):
+        label = f"[{index}/{len(plan.stages)}] {stage.name}"
+        if _is_cached(stage, run_folder):
+            outcomes[stage.name] = StageOutcome("cached", reason=f"key {stage.key[:12]}")
+        else:
+            say(f"{label}: running")
+            try:
+                outcomes[stage.name] = _run_stage(stage, plan, run_folder, show_stage_progress)
+            except BaseException as exc:  # Ctrl-C included: record the failure, then let it propagate
+                outcomes[stage.name] = StageOutcome("failed", reason=type(exc).__name__)
+                _write_run_record(run_folder, config, plan, outcomes)
+                say(f"{label}: {outcomes[stage.name].describe()}")
+                raise
+        say(f"{label}: {outcomes[stage.name].describe()}")
+        _write_run_record(run_folder, config, plan, outcomes)
+    return RunOutcome(run_folder, outcomes)
+
+
+def _prepare_run_folder(folder: Path) -> Path:
+    """Create the run folder; refuse a non-empty folder that is not a previous run, so no files get mixed in."""
+    folder = folder.expanduser().resolve()
+    if folder.exists() and not (folder / RUN_RECORD).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ArtifactError(f"refusing to run into {folder}: it exists, is not empty and holds no {RUN_RECORD} "
+                            "(pick a new --out, or the folder of an earlier run to resume it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _is_cached(stage: PlannedStage, run_folder: Path) -> bool:
+    marker = read_marker(run_folder, stage.name)
+    return marker is not None and marker.get("key") == stage.key and stage.definition.is_complete(stage.output)
+
+
+def _run_stage(stage: PlannedStage, plan: RunPlan, run_folder: Path, show_progress: bool) -> StageOutcome:
+    clear_marker(run_folder, stage.name)
+    call = StageCall(options=stage.options,
+                     inputs={role: plan.input_reference(upstream) for role, upstream in stage.inputs.items()},
+                     output=stage.output, run_folder=run_folder,
+                     scratch=run_folder / SCRATCH_FOLDER / f"{stage.name}-{stage.key[:12]}",
+                     show_progress=show_progress)
+    started = time.perf_counter()
+    stage.definition.run(call)
+    seconds = time.perf_counter() - started
+    write_marker(run_folder, stage.name, stage.key_material, stage.key,
+                 str(stage.output.relative_to(run_folder)), seconds)
+    return StageOutcome("done", seconds)
+
+
+def _write_run_record(run_folder: Path, config: RunConfig, plan: RunPlan, outcomes: dict[str, StageOutcome]) -> None:
+    record: dict[str, Any] = {
+        "format": RUN_FORMAT, "rotaq_version": rotaq_version(), "config": dataclasses.asdict(config),
+        "source": plan.source,
+        "stages": [stage.record(run_folder) for stage in plan.stages],
+        "skipped": [dataclasses.asdict(skipped) for skipped in plan.skipped],
+        "statuses": {name: dataclasses.asdict(outcome) for name, outcome in outcomes.items()},
+    }
+    write_json_atomic(run_folder / RUN_RECORD, record)

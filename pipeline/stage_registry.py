@@ -1,0 +1,233 @@
+"""The stages `rotaq run` can call: where each one's code lives and how the run config becomes its options.
+
+Wiring a stage is one `StageDefinition` in `STAGES`: the module and the names it must define, the options
+it takes from the run config (exactly what its cache key hashes: `invoke` sees nothing else), a call that
+builds the stage's own options object, and the file that proves its output complete. A stage whose module
+does not import, or lacks one of those names, is reported as "skipped (not available)" and nothing is put
+in its place. Where each stage sits in the pipeline is decided in `pipeline.run_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pipeline.artifacts import MANIFEST_NAME
+from pipeline.atomic import write_json_atomic
+from pipeline.data import DataSpec
+from pipeline.run_config import RunConfig
+from pipeline.report import REPORT_HTML
+from pipeline.run_results import RESULTS_FILE, model_labels
+
+BENCH_FILE = "bench.json"
+"""The bench stage's result: a JSON list of rows (model, scheme, prefill_ms_128, prefill_ms_512,
+decode_tokens_per_s, file_mb, peak_rss_mb, perplexity, ...), read by `pipeline.report`."""
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """What the runner hands a stage: its keyed options, its inputs on disk, and where to write."""
+
+    options: Mapping[str, Any]
+    inputs: Mapping[str, str]  # role -> the source model reference, or the path of an upstream output
+    output: Path
+    run_folder: Path
+    scratch: Path  # resumable state (checkpoints), named by the stage key so other options never resume it
+    show_progress: bool
+
+
+OptionsFromConfig = Callable[[RunConfig, "str | None"], dict[str, Any]]
+"""(config, branch) -> the stage's keyed options; `branch` is the scheme (or "float") of a per-branch stage."""
+
+
+def _same_name(instance: str) -> str:
+    return instance
+
+
+@dataclass(frozen=True)
+class StageDefinition:
+    name: str
+    module: str
+    requires: tuple[str, ...]  # names the module must define: the stage function first, then its options class
+    options: OptionsFromConfig
+    invoke: Callable[[ModuleType, StageCall], None]
+    done_file: str | None = MANIFEST_NAME  # inside the output folder; None: the output is itself one file
+    output_name: Callable[[str], str] = _same_name  # instance name -> output path relative to the run folder
+
+    def unavailable_reason(self) -> str | None:
+        """Why this stage cannot run in this codebase, or None when it can."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            return f"{self.module} does not import: {exc}"
+        missing = [name for name in self.requires if not hasattr(module, name)]
+        return f"{self.module} has no {', '.join(missing)}" if missing else None
+
+    def run(self, call: StageCall) -> None:
+        self.invoke(importlib.import_module(self.module), call)
+
+    def done_path(self, output: Path) -> Path:
+        return output / self.done_file if self.done_file else output
+
+    def is_complete(self, output: Path) -> bool:
+        return self.done_path(output).is_file()
+
+
+def _section_options(section: Any) -> dict[str, Any]:
+    return {name: value for name, value in dataclasses.asdict(section).items() if name != "enabled"}
+
+
+def _rotate_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return _section_options(config.rotate)
+
+
+def _rotate(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    api.run_rotate(api.RotateOptions(model=call.inputs["model"], out=call.output, rotation=options["kind"],
+                                     seed=options["seed"], online=options["online"]))
+
+
+def _finetune_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {**_section_options(config.finetune), "data": config.data, "seq_len": config.seq_len}
+
+
+def _finetune(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    training = api.TrainConfig(steps=options["steps"], lr=options["lr"], batch_size=options["batch_size"],
+                               grad_accum=options["grad_accum"], warmup=options["warmup"], eval_every=0,
+                               save_every=options["save_every"],
+                               gradient_checkpointing=options["gradient_checkpointing"], seed=options["seed"])
+    api.run_finetune(api.FinetuneOptions(
+        model=call.inputs["model"], out=call.output, adapter=options["adapter"], targets=options["targets"],
+        rank=options["rank"], alpha=options["alpha"], dropout=options["dropout"], pre_num=options["pre_num"],
+        qat=options["qat"], training=training, data=options["data"], seq_len=options["seq_len"],
+        eval_tokens=options["eval_tokens"], resume=True, checkpoint_dir=call.scratch,
+        progress=call.show_progress))
+
+
+def _merge_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {**_section_options(config.merge), "data": config.data, "seq_len": config.seq_len}
+
+
+def _merge(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    api.run_merge(api.MergeOptions(model=call.inputs["model"], out=call.output, method=options["method"],
+                                   data=options["data"], seq_len=options["seq_len"],
+                                   eval_tokens=options["eval_tokens"],
+                                   calibration_tokens=options["calibration_tokens"]))
+
+
+def _quantize_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    quantize = config.quantize
+    gptq = {"act_order": quantize.act_order, "calibration_tokens": quantize.calibration_tokens,
+            "data": config.data, "seq_len": config.seq_len}
+    return {"scheme": branch, "weights": quantize.weights, "group": quantize.group,
+            "act_clip_ratio": quantize.act_clip_ratio,
+            # RTN reads no data: calibration settings must not invalidate it
+            "gptq": gptq if quantize.weights == "gptq" else None}
+
+
+def _quantize(api: ModuleType, call: StageCall) -> None:
+    options, gptq = call.options, call.options["gptq"]
+    calibration = {} if gptq is None else {
+        "act_order": gptq["act_order"],
+        "calibration": DataSpec(gptq["data"], gptq["seq_len"], gptq["calibration_tokens"])}
+    api.run_quantize(api.QuantizeOptions(
+        model=call.inputs["model"], out=call.output, scheme=options["scheme"], weights=options["weights"],
+        group=options["group"], act_clip_ratio=options["act_clip_ratio"], progress=call.show_progress,
+        **calibration))
+
+
+def _export_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {"check_tokens": config.export.check_tokens}
+
+
+def _export(api: ModuleType, call: StageCall) -> None:
+    api.run_export(api.ExportOptions(model=call.inputs["model"], out=call.output,
+                                     check_tokens=call.options["check_tokens"]))
+
+
+def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return _section_options(config.bench)
+
+
+def _bench(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    api.run_bench(api.BenchOptions(model=call.inputs["model"], out=call.output,
+                                   prompt_lengths=tuple(options["prompt_lengths"]),
+                                   decode_tokens=options["decode_tokens"], threads=options["threads"]))
+
+
+def _outliers_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {"data": config.data, "seq_len": config.seq_len, "max_tokens": config.outliers.max_tokens}
+
+
+def _outliers(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    api.run_outliers(api.OutlierOptions(model=call.inputs["model"], out=call.output, before=call.inputs["before"],
+                                        data=DataSpec(options["data"], options["seq_len"], options["max_tokens"]),
+                                        progress=call.show_progress))
+
+
+def _evaluate_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {"data": config.data, "seq_len": config.seq_len, **dataclasses.asdict(config.eval)}
+
+
+def _evaluate(api: ModuleType, call: StageCall) -> None:
+    options = call.options
+    result = api.run_eval(api.EvalOptions(
+        model=call.inputs["model"], data=DataSpec(options["data"], options["seq_len"], options["max_tokens"]),
+        reference=call.inputs.get("reference"), batch_size=options["batch_size"], progress=call.show_progress))
+    write_json_atomic(call.output, {**result, **model_labels(call.inputs["model"])})
+
+
+def _evaluation_file(instance: str) -> str:
+    return f"evaluate/{instance.removeprefix('evaluate-')}.json"
+
+
+def _no_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    return {}
+
+
+def _results(api: ModuleType, call: StageCall) -> None:
+    api.write_results(call.inputs, call.output)
+
+
+def _report_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
+    """The whole configuration: the report prints it, so any change to it rewrites the report."""
+    return {name: value for name, value in dataclasses.asdict(config).items() if name != "out"}
+
+
+def _report(api: ModuleType, call: StageCall) -> None:
+    api.write_report(call.run_folder)
+
+
+def _fixed_name(name: str) -> Callable[[str], str]:
+    return lambda instance: name
+
+
+STAGES: dict[str, StageDefinition] = {definition.name: definition for definition in (
+    StageDefinition("rotate", "rotations.stage", ("run_rotate", "RotateOptions"), _rotate_options, _rotate),
+    StageDefinition("finetune", "adapters.finetune", ("run_finetune", "FinetuneOptions", "TrainConfig"),
+                    _finetune_options, _finetune),
+    StageDefinition("merge", "adapters.merge_stage", ("run_merge", "MergeOptions"), _merge_options, _merge),
+    StageDefinition("quantize", "quantizers.stage", ("run_quantize", "QuantizeOptions"), _quantize_options,
+                    _quantize),
+    StageDefinition("export", "export.stage", ("run_export", "ExportOptions"), _export_options, _export,
+                    done_file="export.json"),  # export.layout.MANIFEST_NAME
+    StageDefinition("bench", "export.bench", ("run_bench", "BenchOptions"), _bench_options, _bench,
+                    done_file=BENCH_FILE),
+    StageDefinition("outliers", "eval.commands", ("run_outliers", "OutlierOptions"), _outliers_options, _outliers,
+                    done_file="outliers_summary.json"),
+    StageDefinition("evaluate", "eval.commands", ("run_eval", "EvalOptions"), _evaluate_options, _evaluate,
+                    done_file=None, output_name=_evaluation_file),
+    StageDefinition("results", "pipeline.run_results", ("write_results",), _no_options, _results,
+                    done_file=None, output_name=_fixed_name(RESULTS_FILE)),
+    StageDefinition("report", "pipeline.report", ("write_report",), _report_options, _report,
+                    done_file=None, output_name=_fixed_name(REPORT_HTML)),
+)}

@@ -22,10 +22,16 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The embedded model through every stage that runs in minutes on a 2-core CPU: rotate, check the
+# rotation, quantize (W4A4, RTN), export to ONNX and generate with ONNX Runtime.
 demo: install
 	$(VENV)/bin/rotaq rotate --out $(DEMO)/rotated
-	$(VENV)/bin/rotaq eval --model $(DEMO)/rotated --reference default --max-tokens 8192 --out $(DEMO)/eval_rotated.json
+	$(VENV)/bin/rotaq eval --model $(DEMO)/rotated --reference default --max-tokens 4096 --out $(DEMO)/eval_rotated.json
 	$(VENV)/bin/rotaq outliers --model $(DEMO)/rotated --out $(DEMO)/outliers
+	$(VENV)/bin/rotaq quantize --model $(DEMO)/rotated --scheme w4a4 --weights rtn --out $(DEMO)/w4a4
+	$(VENV)/bin/rotaq eval --model $(DEMO)/w4a4 --reference default --max-tokens 4096 --out $(DEMO)/eval_w4a4.json
+	$(VENV)/bin/rotaq export --model $(DEMO)/w4a4 --out $(DEMO)/w4a4-onnx
+	$(VENV)/bin/rotaq generate $(DEMO)/w4a4-onnx --prompt "To be, or not to be" --max-new-tokens 32
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,8 +30,8 @@ def markdown_table(
     """GitHub Markdown table; numeric columns are right-aligned, missing values left blank."""
     columns = _columns(rows, columns)
     formats = formats or {}
-    cells = [[_escape(_format_cell(row.get(col), formats.get(col))) for col in columns] for row in rows]
-    align = ["---:" if _is_numeric_column(rows, col) else "---" for col in columns]
+    cells = [[_escape(format_cell(row.get(col), formats.get(col))) for col in columns] for row in rows]
+    align = ["---:" if is_numeric_column(rows, col) else "---" for col in columns]
     lines = [_md_line([_escape(col) for col in columns]), _md_line(align)]
     lines += [_md_line(line) for line in cells]
     return "\n".join(lines) + "\n"
@@ -67,7 +67,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
 
 
-def _format_cell(value: Any, fmt: Format | None) -> str:
+def format_cell(value: Any, fmt: Format | None) -> str:
     """Cell text for Markdown: explicit format, else a sensible default per type."""
     value = _plain(value)
     if value is None:
@@ -81,7 +81,7 @@ def _format_cell(value: Any, fmt: Format | None) -> str:
     return str(value)
 
 
-def _is_numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+def is_numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
     """True when every present value is a number (bools excluded), so the column reads right-aligned."""
     values = [_plain(row.get(column)) for row in rows]
     present = [v for v in values if v is not None]

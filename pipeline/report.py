@@ -16,7 +16,8 @@ from typing import Any
 
 from pipeline.atomic import atomic_write
 from pipeline.config_template import yaml_value
-from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, is_numeric_column, render_markdown
+from eval.tables import is_numeric_column
+from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
 from pipeline.report_charts import plot_bench
 from pipeline.report_html import render_html
 from pipeline.run_results import RESULTS_FILE

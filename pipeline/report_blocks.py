@@ -6,7 +6,6 @@ A report is collected once as a list of blocks and rendered twice (Markdown here
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,24 +38,6 @@ class Figure:
 
 
 Block = Heading | Paragraph | Table | Figure
-
-
-def cell_text(value: Any, fmt: Format | None) -> str:
-    """A cell as both renderers print it: the column's format, else floats to 4 significant digits."""
-    if value is None:
-        return ""
-    if callable(fmt):
-        return fmt(value)
-    if fmt is not None:
-        return format(value, fmt)
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def is_numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
-    present = [row.get(column) for row in rows if row.get(column) is not None]
-    return bool(present) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present)
 
 
 def render_markdown(title: str, blocks: Sequence[Block]) -> str:

@@ -7,7 +7,8 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, cell_text, is_numeric_column
+from eval.tables import format_cell, is_numeric_column
+from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f; max-width: 72rem;
@@ -46,7 +47,7 @@ def _render_table(table: Table) -> str:
         cells = []
         for column in table.columns:
             opening = '<td class="number">' if numeric[column] else "<td>"
-            cells.append(f"{opening}{html.escape(cell_text(row.get(column), table.formats.get(column)))}</td>")
+            cells.append(f"{opening}{html.escape(format_cell(row.get(column), table.formats.get(column)))}</td>")
         lines.append(f"<tr>{''.join(cells)}</tr>")
     lines.append("</tbody>\n</table>")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ class InstalledAdapters:
 
 
 def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterConfig,
-                     seed: int | None = 0) -> InstalledAdapters:
+                     seed: int = 0) -> InstalledAdapters:
     """Wrap every target linear of every decoder layer; A is Kaiming-initialised from `seed`, B is zero.
 
     Everything is checked before the first module is replaced, so a bad configuration leaves the model as it was.
@@ -63,7 +63,7 @@ def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterCon
     layers = decoder_layers(model, family)
     _check_targets(layers, config)
     fake_quantizers = FakeQuantizers(config.qat) if config.qat else None
-    generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+    generator = torch.Generator().manual_seed(seed)
     chains = {projection: ProjectionChain(projection, config) for projection in config.targets}
     for index, layer in enumerate(layers):
         for projection, chain in chains.items():
@@ -101,8 +101,8 @@ def _check_targets(layers: nn.ModuleList, config: AdapterConfig) -> None:
 
 
 def install_adapter_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> None:
-    """Rebuild the adapter modules a finetune folder describes; its weights are loaded afterwards."""
-    install_adapters(model, family, AdapterConfig.from_section(section), seed=None)
+    """Rebuild the adapter modules a finetune folder describes; their tensors are loaded afterwards."""
+    install_adapters(model, family, AdapterConfig.from_section(section))
 
 
 def installed_adapters(model: nn.Module) -> InstalledAdapters:

@@ -80,7 +80,8 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text
+    """Hub ids are `name` or `org/name`; anything else that does not exist is a missing local path."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, source: dict[str, Any], trust_remote_code: bool) -> LoadedModel:

@@ -36,7 +36,6 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
 
 
-@torch.inference_mode()
 def _check_tokens(vocab_size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (1, CHECK_TOKENS), generator=generator)

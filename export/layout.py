@@ -7,12 +7,11 @@ onnxruntime. Names follow onnxruntime-genai's decoder convention (`past_key_valu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ArtifactError
+from pipeline.artifacts import read_versioned_json
 
 EXPORT_FORMAT = "rotaq-onnx/1"
 MANIFEST_NAME = "export.json"
@@ -75,15 +74,8 @@ class ExportLayout:
 def read_layout(folder: Path) -> ExportLayout:
     """The layout of an export folder, or a clear error if the folder is not one."""
     folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise ArtifactError(f"{folder} is not a rotaq ONNX export (no {MANIFEST_NAME}); run `rotaq export` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise ArtifactError(f"{folder} has format {manifest.get('format')!r}; this rotaq reads {EXPORT_FORMAT!r}")
+    manifest = read_versioned_json(folder / MANIFEST_NAME, EXPORT_FORMAT,
+                                   f"{folder} is not a rotaq ONNX export (no {MANIFEST_NAME}); run `rotaq export` first")
     return ExportLayout(folder=folder, num_layers=int(manifest["num_layers"]),
                         num_kv_heads=int(manifest["num_kv_heads"]), head_dim=int(manifest["head_dim"]),
                         vocab_size=int(manifest["vocab_size"]),

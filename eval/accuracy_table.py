@@ -23,7 +23,7 @@ from quantizers.quantize_model import QuantizeSettings, quantize_model
 from quantizers.schemes import parse_scheme
 from rotations.rotate import RotationConfig, rotate_model
 
-COLUMNS = ["scheme", "rotation", "weights", "perplexity", "ppl_ratio", "kl_divergence", "top1_agreement",
+COLUMNS = ["scheme", "rotation", "weights", "variant", "perplexity", "ppl_ratio", "kl_divergence", "top1_agreement",
            "quantize_seconds"]
 
 
@@ -37,13 +37,33 @@ class AccuracyTableOptions:
     evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
     calibration: DataSpec = DataSpec(seq_len=512, max_tokens=32 * 512)
     act_clip_ratio: float | None = None
+    act_symmetric: bool | None = None
     seed: int = 0
     progress: bool = True
     extra_fields: dict[str, Any] = field(default_factory=dict)
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return row["scheme"], row["rotation"], row["weights"]
+    return row["scheme"], row["rotation"], row["weights"], row.get("variant", "-")
+
+
+def scheme_variant(options: AccuracyTableOptions) -> tuple[dict[str, Any], str]:
+    """Scheme overrides of this run and the short label that keeps their rows apart in the table.
+
+    Group sizes that do not divide a width become ragged (the table's default w4a16-g128 on a
+    576-wide model has groups of 128 and a last one of 64, the layout MatMulNBits uses).
+    """
+    overrides: dict[str, Any] = {"ragged_groups": True}
+    if options.act_clip_ratio not in (None, 1.0) or options.act_symmetric is False:
+        overrides["act_block_size"] = None  # ONNX Runtime's per-block kernel neither clips nor shifts
+    labels = []
+    if options.act_clip_ratio is not None and options.act_clip_ratio != 1.0:
+        overrides["act_clip_ratio"] = options.act_clip_ratio
+        labels.append(f"act-clip {options.act_clip_ratio:g}")
+    if options.act_symmetric is False:
+        overrides["act_symmetric"] = False
+        labels.append("asym act")
+    return overrides, ", ".join(labels) or "-"
 
 
 def _load_previous(path: Path, fingerprint: str) -> list[dict[str, Any]]:
@@ -64,12 +84,13 @@ def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
     rows = _load_previous(stem.with_suffix(".json"), fingerprint)
     done = {_row_key(row) for row in rows}
 
-    float_key = ("fp32", "none", "-")
+    float_key = ("fp32", "none", "-", "-")
     if float_key not in done:
         result = evaluate(float_model, evaluation, progress=options.progress)
-        rows.append({"scheme": "fp32", "rotation": "none", "weights": "-", **result.to_dict(),
+        rows.append({"scheme": "fp32", "rotation": "none", "weights": "-", "variant": "-", **result.to_dict(),
                      "ppl_ratio": 1.0, "kl_divergence": 0.0, "top1_agreement": 1.0, "windows_sha256": fingerprint})
         write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])
+    overrides, variant = scheme_variant(options)
     float_ppl = next(row["perplexity"] for row in rows if _row_key(row) == float_key)
 
     for rotated in options.rotations:
@@ -77,11 +98,11 @@ def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
         if rotated:
             rotate_model(base, loaded.family, RotationConfig(seed=options.seed))
         for scheme_name in options.schemes:
-            scheme = parse_scheme(scheme_name)
-            if options.act_clip_ratio is not None:
-                scheme = dataclasses.replace(scheme, act_clip_ratio=options.act_clip_ratio)
+            scheme = dataclasses.replace(parse_scheme(scheme_name), **overrides)
+            if not scheme.quantizes_activations and variant != "-":
+                continue  # activation options do not change a weight-only scheme
             for weights in options.weight_methods:
-                key = (scheme_name, "hadamard" if rotated else "none", weights)
+                key = (scheme_name, "hadamard" if rotated else "none", weights, variant)
                 if key in done:
                     continue
                 model = copy.deepcopy(base)
@@ -90,7 +111,8 @@ def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
                                                                       progress=options.progress), calibration)
                 seconds = time.perf_counter() - started
                 result = evaluate(model, evaluation, reference=float_model, progress=options.progress)
-                rows.append({"scheme": key[0], "rotation": key[1], "weights": key[2], **result.to_dict(),
+                rows.append({"scheme": key[0], "rotation": key[1], "weights": key[2], "variant": variant,
+                             **result.to_dict(),
                              "ppl_ratio": result.perplexity / float_ppl, "quantize_seconds": round(seconds, 1),
                              "windows_sha256": fingerprint, **options.extra_fields})
                 write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])

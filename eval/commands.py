@@ -107,7 +107,7 @@ def _cmd_accuracy_table(args: argparse.Namespace) -> int:
         weight_methods=tuple(args.weights.split(",")),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens),
         calibration=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.calib_tokens),
-        act_clip_ratio=args.act_clip_ratio))
+        act_clip_ratio=args.act_clip_ratio, act_symmetric=False if args.asymmetric_activations else None))
     print(markdown_table(rows, COLUMNS))
     print(f"\nwritten to {Path(args.out) / 'accuracy'}.{{md,csv,json}}")
     return 0
@@ -139,5 +139,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     table.add_argument("--rotation", default="none,hadamard", help="comma list of none,hadamard")
     table.add_argument("--weights", default="rtn,gptq", help="comma list of rtn,gptq")
     table.add_argument("--calib-tokens", type=int, default=32 * 512, help="calibration tokens for GPTQ")
-    table.add_argument("--act-clip-ratio", type=float, default=None)
+    table.add_argument("--act-clip-ratio", type=float, default=None,
+                       help="clip per-token activation ranges (rows get a 'variant' label, so runs add up)")
+    table.add_argument("--asymmetric-activations", action="store_true",
+                       help="asymmetric per-token activations (a separate variant)")
     table.set_defaults(handler=_cmd_accuracy_table)

@@ -1,4 +1,4 @@
-"""`rotaq export` and `rotaq generate`."""
+"""`rotaq export`, `rotaq generate` and `rotaq bench`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eval.tables import markdown_table
+    from export.bench import BenchOptions, run_bench, table_columns
+    from pipeline.data import DataSpec
+
+    rows = run_bench(BenchOptions(
+        models=tuple(args.folders), out=Path(args.out), reference=args.reference,
+        prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")), cached_tokens=args.cached_tokens,
+        decode_tokens=args.decode_tokens, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+        eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
+        evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2))))
+    print(markdown_table(rows, table_columns(rows)))
+    if args.json:
+        from pipeline.atomic import write_json_atomic
+
+        write_json_atomic(Path(args.json), rows)
+    print(f"written to {Path(args.out) / 'bench'}.{{md,csv,json}}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="stage 5: ONNX graph with KV cache, checked against PyTorch in ONNX Runtime")
     add_model_argument(export)
@@ -63,3 +83,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
     generate.set_defaults(handler=_cmd_generate)
+
+    bench = commands.add_parser("bench", help="benchmark: prefill latency, decode tokens/s, size, memory and "
+                                              "perplexity of exported models beside float32 ONNX and PyTorch")
+    bench.add_argument("folders", nargs="+", help="folders written by `rotaq export`")
+    bench.add_argument("--out", default="bench", help="folder for bench.{md,csv,json} (default ./bench)")
+    bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    bench.add_argument("--reference", default=None,
+                       help="float32 export to compare against (default: one of the folders, or the float "
+                            "parent of the first, exported into OUT/reference-fp32)")
+    bench.add_argument("--prompt-lengths", default="128,512", help="prefill lengths, comma separated")
+    bench.add_argument("--cached-tokens", type=int, default=256, help="KV cache length before decoding")
+    bench.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per repeat")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (median reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads, pinned (default: all cores)")
+    bench.add_argument("--peer", action="append", default=[], choices=["genai"],
+                       help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "
+                            "(needs the 'peer' extra)")
+    bench.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager float32 row")
+    bench.add_argument("--no-cuda", action="store_true", help="skip CUDA rows even when a GPU is present")
+    bench.add_argument("--data", default=None, help="evaluation text (default Shakespeare's held-out split)")
+    bench.add_argument("--seq-len", type=int, default=512)
+    bench.add_argument("--eval-tokens", type=int, default=16 * 512,
+                       help="held-out tokens for perplexity on the graphs (0 skips it)")
+    bench.set_defaults(handler=_cmd_bench)

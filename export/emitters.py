@@ -268,8 +268,9 @@ class MatMulNBitsLinear:
 
     def __init__(self, weight: QuantizedWeight, accuracy_level: int, block_size: int | None = None) -> None:
         block_size = block_size or nbits_block_size(weight)
+        # Every block must sit inside one weight group; a per-channel row takes any block (K is padded).
         if (block_size not in _NBITS_BLOCK_SIZES or weight.bits not in (4, 8) or accuracy_level not in (0, 4)
-                or weight.effective_group_size % block_size):
+                or (weight.n_groups > 1 and weight.effective_group_size % block_size)):
             raise RotaqError(f"MatMulNBits cannot hold {weight.bits}-bit weights with groups of "
                              f"{weight.effective_group_size} in blocks of {block_size} at accuracy_level "
                              f"{accuracy_level}")
@@ -285,14 +286,20 @@ class MatMulNBitsLinear:
         b = _Builder(prefix)
         weight, bits, block = self.weight, self.weight.bits, self.block_size
         out_features, in_features = weight.shape
-        n_blocks = in_features // block
-        repeat = weight.effective_group_size // block
+        n_blocks = -(-in_features // block)  # K padded up to whole blocks, as MatMulNBits stores it
+        group_of_block = np.arange(n_blocks) * block // weight.effective_group_size
         codes = weight.codes.numpy().astype(np.int16)
         unsigned = (codes + 2 ** (bits - 1) if weight.symmetric else codes).astype(np.uint8)
-        inputs = [x, b.constant("packed_weight", _pack_rows(unsigned, bits).reshape(out_features, n_blocks, -1)),
-                  b.constant("scales", np.repeat(weight.scales.numpy(), repeat, axis=1).reshape(-1))]
+        # Padding columns hold the zero point, so they dequantize to 0 whatever the scale.
+        padding = np.full((out_features, n_blocks * block - in_features), 2 ** (bits - 1), np.uint8)
         if weight.zero_points is not None:
-            zeros = np.repeat(weight.zero_points.numpy(), repeat, axis=1)
+            padding = np.repeat(weight.zero_points.numpy()[:, -1:], padding.shape[1], axis=1)
+        unsigned = np.concatenate([unsigned, padding], axis=1)
+        scales = weight.scales.numpy()[:, group_of_block]
+        inputs = [x, b.constant("packed_weight", _pack_rows(unsigned, bits).reshape(out_features, n_blocks, -1)),
+                  b.constant("scales", scales.reshape(-1))]
+        if weight.zero_points is not None:
+            zeros = weight.zero_points.numpy()[:, group_of_block]
             inputs.append(b.constant("zero_points", _pack_rows(zeros, bits).reshape(-1)))
         b.node("MatMulNBits", inputs, "matmul", output=y, domain=MS_DOMAIN, K=in_features, N=out_features,
                bits=bits, block_size=block, accuracy_level=self.accuracy_level)
@@ -321,9 +328,12 @@ def single_layer_model(emitter: LinearEmitter, in_features: int, out_features: i
 
 
 def nbits_block_size(weight: QuantizedWeight) -> int | None:
-    """The largest MatMulNBits block size that tiles the weight's groups, or None if none does."""
+    """The largest MatMulNBits block size that tiles the weight's groups (any, for per-channel rows,
+    whose K MatMulNBits pads), or None if none does."""
     if weight.bits not in (4, 8):
         return None
+    if weight.n_groups == 1:
+        return next(size for size in _NBITS_BLOCK_SIZES if weight.shape[1] % size == 0 or size == _NBITS_BLOCK_SIZES[-1])
     return next((size for size in _NBITS_BLOCK_SIZES if weight.effective_group_size % size == 0), None)
 
 

@@ -15,9 +15,13 @@ from export.layout import ATTENTION_MASK, INPUT_IDS, SESSION_CONFIG, ExportLayou
 from pipeline.errors import ArtifactError
 
 
-def create_session(graph: Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session with the export's session config (from a file or serialized bytes), or a clear
-    error if the graph does not load."""
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def create_session(graph: Path | bytes, threads: int | None = None, provider: str = CPU) -> ort.InferenceSession:
+    """A session with the export's session config (from a file or serialized bytes), or a clear
+    error if the graph does not load. A non-CPU provider keeps the CPU one as its fallback."""
     options = ort.SessionOptions()
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
@@ -26,7 +30,8 @@ def create_session(graph: Path | bytes, threads: int | None = None) -> ort.Infer
     options.log_severity_level = 3  # errors only: ORT's shape-merge notices are not the user's concern
     source = graph if isinstance(graph, bytes) else str(graph)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        providers = [provider] if provider == CPU else [provider, CPU]
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types for every load failure
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         name = "the graph" if isinstance(graph, bytes) else str(graph)
@@ -36,11 +41,11 @@ def create_session(graph: Path | bytes, threads: int | None = None) -> ort.Infer
 class OnnxDecoder:
     """Runs the exported decoder: prefill or decode steps with an explicit KV cache."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, provider: str = CPU) -> None:
         self.layout: ExportLayout = read_layout(folder)
         if not self.layout.graph_path.is_file():
             raise ArtifactError(f"{folder} lists {self.layout.graph_path.name} but the file is missing")
-        self.session = create_session(self.layout.graph_path, threads)
+        self.session = create_session(self.layout.graph_path, threads, provider)
         self._past_names = past_names(self.layout.num_layers)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

@@ -78,10 +78,14 @@ def plan_run(config: RunConfig, run_folder: Path) -> RunPlan:
             if plan.will_run(branches[scheme]):
                 quantized.append(branches[scheme])
     if config.export.enabled:
-        for branch, model in branches.items():
-            exported = plan.add("export", f"export-{branch}", {"model": model}, branch=branch)
+        exports = {branch: plan.add("export", f"export-{branch}", {"model": model}, branch=branch)
+                   for branch, model in branches.items()}
+        # Each quantized bench also times the float export, its reference, in the same run.
+        reference = {"reference": exports["float"]} if plan.will_run(exports.get("float")) else {}
+        for branch, exported in exports.items():
             if config.bench.enabled:
-                plan.add("bench", f"bench-{branch}", {"model": exported}, branch=branch)
+                inputs = {"model": exported, **(reference if branch != "float" else {})}
+                plan.add("bench", f"bench-{branch}", inputs, branch=branch)
     if config.outliers.enabled and plan.will_run(rotated):
         plan.add("outliers", "outliers", {"model": rotated, "before": SOURCE})
     evaluations = {}

@@ -158,7 +158,8 @@ def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 def _bench(api: ModuleType, call: StageCall) -> None:
     options = call.options
-    api.run_bench(api.BenchOptions(model=call.inputs["model"], out=call.output,
+    api.run_bench(api.BenchOptions(models=(call.inputs["model"],), out=call.output,
+                                   reference=call.inputs.get("reference"),
                                    prompt_lengths=tuple(options["prompt_lengths"]),
                                    decode_tokens=options["decode_tokens"], threads=options["threads"]))
 

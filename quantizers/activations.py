@@ -68,6 +68,15 @@ def quantize_per_token(
     return codes.to(code_dtype), scale, None if zero is None else zero.to(torch.uint8)
 
 
+def fake_quantize_activations(
+    x: Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0, block_size: int | None = None
+) -> Tensor:
+    """Per-token fake quantization, or per block of ``block_size`` along the last dim when given."""
+    if block_size:
+        return fake_quantize_per_block(x, bits, block_size, symmetric, clip_ratio)
+    return fake_quantize_per_token(x, bits, symmetric, clip_ratio)
+
+
 def fake_quantize_per_block(
     x: Tensor, bits: int, block_size: int, symmetric: bool = True, clip_ratio: float = 1.0
 ) -> Tensor:
@@ -79,7 +88,19 @@ def fake_quantize_per_block(
     if bits >= 16:
         return x
     width = x.shape[-1]
-    if block_size <= 0 or width % block_size != 0:
-        raise RotaqError(f"activation block_size={block_size} does not divide the last dim {width}")
-    blocks = x.unflatten(-1, (width // block_size, block_size))
-    return fake_quantize_per_token(blocks, bits, symmetric, clip_ratio).flatten(-2)
+    if block_size <= 0:
+        raise RotaqError(f"activation block_size={block_size} must be positive")
+    _check_clip(clip_ratio)
+    # A last partial block is its own (shorter) block, as in MLAS, which pads K with zeros.
+    n_blocks = -(-width // block_size)
+    blocks = torch.nn.functional.pad(x.float(), (0, n_blocks * block_size - width)).unflatten(-1, (n_blocks, block_size))
+    scale, zero = _per_token_params(blocks, bits, symmetric, clip_ratio)
+    # MLAS multiplies by the reciprocal of the scale rather than dividing by it; the two round
+    # differently at ties (frequent on inputs that are themselves dequantized codes, such as the
+    # first layer's embeddings), so this follows the kernel.
+    codes = torch.round(blocks * (1.0 / scale))
+    if zero is not None:
+        codes = codes + zero
+    qmin, qmax = qrange(bits, symmetric)
+    q = dequantize_codes(codes.clamp(qmin, qmax), scale, zero).flatten(-2)[..., :width].to(x.dtype)
+    return x + (q - x).detach()

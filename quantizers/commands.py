@@ -14,7 +14,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     out = run_quantize(QuantizeOptions(
         model=args.model, out=Path(args.out), scheme=args.scheme, weights=args.weights, group=args.group,
-        act_clip_ratio=args.act_clip_ratio, act_order=not args.no_act_order,
+        act_clip_ratio=args.act_clip_ratio, ragged_groups=args.ragged_groups, act_block_size=args.act_block_size, act_order=not args.no_act_order,
         calibration=DataSpec(source=args.calib, seq_len=args.seq_len, max_tokens=args.max_tokens)))
     print(f"quantized model ({args.scheme}, {args.weights}) written to {out}")
     return 0
@@ -28,6 +28,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="w8a8, w4a8, w4a4, w4a16, optionally with a group suffix such as w4a16-g128")
     quantize.add_argument("--weights", choices=["rtn", "gptq"], default="gptq", help="weight quantizer")
     quantize.add_argument("--group", type=int, default=None, help="weight group size along the input (overrides the scheme)")
+    quantize.add_argument("--act-block-size", type=int, default=None,
+                          help="int8 activations per block of N along K, as ONNX Runtime's MatMulNBits "
+                               "accuracy_level 4 computes them (w4a8 default 32); 0 = per token")
+    quantize.add_argument("--ragged-groups", action="store_true",
+                          help="allow a shorter last weight group where the group size does not divide a width "
+                               "(e.g. -g128 on 576: groups of 128 and a last one of 64, as MatMulNBits pads K)")
     quantize.add_argument("--act-clip-ratio", type=float, default=None,
                           help="clip per-token activation ranges to this fraction of max|x| (default: the scheme's)")
     quantize.add_argument("--no-act-order", action="store_true", help="GPTQ: visit columns in their natural order")

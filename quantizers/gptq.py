@@ -21,8 +21,10 @@ from quantizers.rtn import (
     compute_qparams,
     dequantize_codes,
     pack_quantized,
+    pad_columns,
     quantize_to_codes,
 )
+from quantizers.schemes import group_count
 
 
 class HessianAccumulator:
@@ -92,13 +94,14 @@ def gptq_quantize(
     block_size: int = 128,
     clip_search: bool = True,
     layer_name: str = "layer",
+    allow_ragged: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``weight[out, in]`` given ``hessian[in, in]`` of its inputs.
 
     ``act_order`` visits columns by decreasing Hessian diagonal (most salient first). Codes,
     scales and zero points always come back in the original column order.
     """
-    check_weight(weight, group_size, layer_name)
+    check_weight(weight, group_size, layer_name, allow_ragged)
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise RotaqError(
@@ -118,11 +121,12 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     group = group_size or in_features
-    n_groups = in_features // group
+    n_groups = group_count(in_features, group_size)
     # Static groups with act_order: scales from the clip-searched weight in original column order, so no g_idx.
     static_groups = act_order or group_size is None
     if static_groups:
-        scales, zeros = compute_qparams(w.view(out_features, n_groups, group), bits, symmetric, clip_search)
+        padded = pad_columns(w, n_groups * group).view(out_features, n_groups, group)
+        scales, zeros = compute_qparams(padded, bits, symmetric, clip_search)
     else:
         # Groups are met in order and take their parameters from the error-updated weights (reference
         # GPTQ); whole groups per block, so those parameters see every update before the group's start.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token
+from quantizers.activations import fake_quantize_activations
 from rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
@@ -61,10 +61,8 @@ class QuantizedLinear(nn.Linear):
 
     def quantize_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if spec.act_block_size:
-            return fake_quantize_per_block(hidden_states, spec.act_bits, spec.act_block_size, spec.act_symmetric,
-                                           spec.act_clip_ratio)
-        return fake_quantize_per_token(hidden_states, spec.act_bits, spec.act_symmetric, spec.act_clip_ratio)
+        return fake_quantize_activations(hidden_states, spec.act_bits, spec.act_symmetric, spec.act_clip_ratio,
+                                         spec.act_block_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(self.matmul_input(hidden_states)), self.weight, self.bias)

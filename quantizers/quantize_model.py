@@ -51,7 +51,8 @@ class QuantizeSettings:
 def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
     return LayerQuantSpec(weight_bits=scheme.weight_bits, group_size=scheme.weight_group_size,
                           weight_symmetric=scheme.weight_symmetric, act_bits=scheme.act_bits,
-                          act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio)
+                          act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio,
+                          act_block_size=scheme.act_block_size)
 
 
 def head_spec(bits: int) -> LayerQuantSpec:
@@ -70,9 +71,9 @@ def _set_dequantized(module: nn.Module, quantized: QuantizedWeight) -> None:
     module.weight.data = quantized.dequantize().to(module.weight.dtype).reshape(module.weight.shape)
 
 
-def _quantize_rtn(module: nn.Module, spec: LayerQuantSpec, clip_search: bool, name: str) -> QuantizedWeight:
+def _quantize_rtn(module: nn.Module, spec: LayerQuantSpec, scheme: QuantScheme, name: str) -> QuantizedWeight:
     return quantize_weight_rtn(module.weight.detach(), spec.weight_bits, spec.group_size, spec.weight_symmetric,
-                               clip_search, layer_name=name)
+                               scheme.weight_clip_search, layer_name=name, allow_ragged=scheme.ragged_groups)
 
 
 @torch.no_grad()
@@ -100,7 +101,8 @@ def _quantize_layer_gptq(layer: nn.Module, prefix: str, wrapped: dict[str, Quant
             results[path] = gptq_quantize(module.weight.detach(), accumulators[path].hessian, spec.weight_bits,
                                           spec.group_size, spec.weight_symmetric, settings.act_order,
                                           settings.damp_percent, clip_search=settings.scheme.weight_clip_search,
-                                          layer_name=f"{prefix}.{path}")
+                                          layer_name=f"{prefix}.{path}",
+                                          allow_ragged=settings.scheme.ragged_groups)
             _set_dequantized(module, results[path])
     return results
 
@@ -128,7 +130,7 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
         else:
             layer_codes = {}
             for path, module in wrapped.items():
-                layer_codes[path] = _quantize_rtn(module, spec, scheme.weight_clip_search, f"{prefix}.{path}")
+                layer_codes[path] = _quantize_rtn(module, spec, scheme, f"{prefix}.{path}")
                 _set_dequantized(module, layer_codes[path])
         for path, quantized in layer_codes.items():
             codes[f"{prefix}.{path}"] = quantized
@@ -148,7 +150,7 @@ def _quantize_heads(model: nn.Module, family: DecoderFamily, scheme: QuantScheme
     for path, module in ((family.embed_tokens, embed), (family.lm_head, lm_head)):
         if tied and path == family.lm_head:
             break
-        codes[path] = _quantize_rtn(module, spec, scheme.weight_clip_search, path)
+        codes[path] = _quantize_rtn(module, spec, scheme, path)
         _set_dequantized(module, codes[path])
         specs[path] = spec.to_dict()
     if not tied:

@@ -8,7 +8,8 @@ Code layout (shared by RTN and GPTQ, and what the ONNX export reads):
   is ``uint8`` in the same range and ``w ≈ (codes - zero_point) * scale`` (ONNX
   DequantizeLinear / MatMulNBits convention);
 * ``codes`` is ``[out, in]`` in the layer's original column order; ``scales`` (``float32``) and
-  ``zero_points`` are ``[out, n_groups]``, group ``g`` covering columns ``[g*G, (g+1)*G)``;
+  ``zero_points`` are ``[out, n_groups]``, group ``g`` covering columns ``[g*G, min((g+1)*G, in))``
+  (a ragged last group is shorter, as MatMulNBits pads K up to whole blocks);
   per-channel quantization is the special case of one group spanning the whole row.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import NonFiniteError, RotaqError
-from quantizers.schemes import validate_group
+from quantizers.schemes import group_count, validate_group
 
 # Clip ratios tried by the clipping search (1.0 first, so ties keep the unclipped range).
 CLIP_RATIOS: tuple[float, ...] = tuple(torch.linspace(1.0, 0.5, 21).tolist())
@@ -132,15 +133,27 @@ class QuantizedWeight:
     @property
     def effective_group_size(self) -> int:
         """Columns per scale: ``group_size``, or the row width for per-channel quantization."""
-        return self.codes.shape[1] // self.n_groups
+        return self.group_size if self.n_groups > 1 else self.codes.shape[1]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the last group is shorter than the others."""
+        return self.n_groups * self.effective_group_size != self.codes.shape[1]
 
     def dequantize(self) -> Tensor:
         """The float32 ``[out, in]`` weight these codes stand for."""
         out_features, in_features = self.codes.shape
-        codes = self.codes.float().view(out_features, self.n_groups, self.effective_group_size)
+        codes = pad_columns(self.codes.float(), self.n_groups * self.effective_group_size)
+        codes = codes.view(out_features, self.n_groups, self.effective_group_size)
         zero = None if self.zero_points is None else self.zero_points.float().unsqueeze(-1)
         deq = dequantize_codes(codes, self.scales.unsqueeze(-1), zero)
-        return deq.reshape(out_features, in_features)
+        return deq.reshape(out_features, -1)[:, :in_features]
+
+
+def pad_columns(w: Tensor, width: int) -> Tensor:
+    """``w`` with zero columns appended up to ``width``. A zero column quantizes to an exact zero
+    under every grid here, so padding a ragged group changes neither its range nor its clip search."""
+    return w if w.shape[-1] == width else torch.nn.functional.pad(w, (0, width - w.shape[-1]))
 
 
 def pack_quantized(
@@ -158,11 +171,11 @@ def pack_quantized(
     )
 
 
-def check_weight(weight: Tensor, group_size: int | None, layer_name: str) -> None:
+def check_weight(weight: Tensor, group_size: int | None, layer_name: str, allow_ragged: bool = False) -> None:
     """Shape, group and finiteness checks shared by every weight quantizer."""
     if weight.dim() != 2:
         raise RotaqError(f"{layer_name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-    validate_group(group_size, weight.shape[1], layer_name)
+    validate_group(group_size, weight.shape[1], layer_name, allow_ragged)
     if not torch.isfinite(weight).all():
         raise NonFiniteError(f"{layer_name}: weight contains NaN or inf")
 
@@ -174,17 +187,20 @@ def quantize_weight_rtn(
     symmetric: bool = True,
     clip_search: bool = True,
     layer_name: str = "weight",
+    allow_ragged: bool = False,
 ) -> QuantizedWeight:
     """Round each weight to the nearest code of its row's (or group's) grid."""
-    check_weight(weight, group_size, layer_name)
+    check_weight(weight, group_size, layer_name, allow_ragged)
     out_features, in_features = weight.shape
+    n_groups = group_count(in_features, group_size)
     group = group_size or in_features
-    w = weight.float().reshape(out_features, in_features // group, group)
+    w = pad_columns(weight.float(), n_groups * group).reshape(out_features, n_groups, group)
     scale, zero = compute_qparams(w, bits, symmetric, clip_search)
     codes = quantize_to_codes(
         w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits, symmetric
     )
-    return pack_quantized(codes.reshape(out_features, in_features), scale, zero, group_size, bits, symmetric)
+    codes = codes.reshape(out_features, -1)[:, :in_features]
+    return pack_quantized(codes, scale, zero, group_size, bits, symmetric)
 
 
 def fake_quantize_weight(
@@ -194,7 +210,8 @@ def fake_quantize_weight(
     symmetric: bool = True,
     clip_search: bool = True,
     layer_name: str = "weight",
+    allow_ragged: bool = False,
 ) -> Tensor:
     """RTN quantize-dequantize, returned in the weight's dtype (for evaluating a scheme in float)."""
-    qw = quantize_weight_rtn(weight, bits, group_size, symmetric, clip_search, layer_name)
+    qw = quantize_weight_rtn(weight, bits, group_size, symmetric, clip_search, layer_name, allow_ragged)
     return qw.dequantize().to(weight.dtype)

@@ -10,6 +10,10 @@ from pipeline.errors import RotaqError
 WEIGHT_BITS = (4, 8)
 ACT_BITS = (4, 8, 16)
 BASE_NAMES = ("w8a8", "w4a8", "w4a4", "w4a16")
+ACT_BLOCK_SIZES = (16, 32, 64, 128)  # MatMulNBits block sizes
+# W4A8 follows ONNX Runtime's fast kernel (MatMulNBits accuracy_level 4): int8 activations per block of
+# 32 along K, the block onnxruntime-genai's builder uses. `--act-block-size 0` gives per-token instead.
+DEFAULT_ACT_BLOCK = {"w4a8": 32}
 
 _NAME_RE = re.compile(r"^w(\d+)a(\d+)(?:-g(\d+))?$")
 
@@ -34,9 +38,16 @@ class QuantScheme:
     weight_symmetric: bool = True
     act_symmetric: bool = True
     act_clip_ratio: float = 1.0
+    # None: one activation scale per token. N: one per block of N along K, which is what ONNX Runtime's
+    # MatMulNBits computes at accuracy_level 4 (int8 symmetric, absmax / 127), so the fake-quant model
+    # and the deployed W4A8 kernel compute the same function.
+    act_block_size: int | None = None
     weight_clip_search: bool = True
     kv_bits: int | None = None
     lm_head_bits: int | None = 8
+    # Let the last weight group be shorter when the group size does not divide a width (the layout
+    # MatMulNBits uses: K padded up to whole blocks). Off by default, so a typo'd group size fails.
+    ragged_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:
@@ -53,6 +64,12 @@ class QuantScheme:
             raise RotaqError(f"weight_group_size={self.weight_group_size} must be a positive integer or None")
         if not 0.0 < self.act_clip_ratio <= 1.0:
             raise RotaqError(f"act_clip_ratio={self.act_clip_ratio} must be in (0, 1]")
+        if self.act_block_size is not None and (self.act_block_size not in ACT_BLOCK_SIZES or self.act_bits != 8
+                                                or not self.act_symmetric or self.act_clip_ratio != 1.0):
+            raise RotaqError(
+                f"act_block_size={self.act_block_size}: per-block activations follow ONNX Runtime's kernel, which "
+                f"quantizes int8, symmetric, unclipped, in blocks of {', '.join(map(str, ACT_BLOCK_SIZES))}; "
+                "pass --act-block-size 0 for per-token activations with other settings")
         if self.kv_bits is not None and self.kv_bits not in ACT_BITS:
             raise RotaqError(f"kv_bits={self.kv_bits} is not supported; use one of {ACT_BITS} or None")
         if self.lm_head_bits is not None and self.lm_head_bits not in WEIGHT_BITS:
@@ -77,14 +94,26 @@ def parse_scheme(name: str) -> QuantScheme:
     group = int(match.group(3)) if match.group(3) is not None else None
     if group is not None and group <= 0:
         raise RotaqError(f"scheme {name!r}: group size must be positive; valid names: {_valid_names()}")
-    return QuantScheme(weight_bits=int(match.group(1)), act_bits=int(match.group(2)), weight_group_size=group)
+    base = f"w{match.group(1)}a{match.group(2)}"
+    return QuantScheme(weight_bits=int(match.group(1)), act_bits=int(match.group(2)), weight_group_size=group,
+                       act_block_size=DEFAULT_ACT_BLOCK.get(base))
 
 
-def validate_group(group: int | None, width: int, layer_name: str) -> None:
-    """Fail early, naming the layer, when a group size does not tile the layer's input width."""
+def validate_group(group: int | None, width: int, layer_name: str, allow_ragged: bool = False) -> None:
+    """Fail early, naming the layer, when a group size does not tile the layer's input width
+    (unless a shorter last group is allowed)."""
     if group is None:
         return
     if group <= 0:
         raise RotaqError(f"{layer_name}: group size {group} must be positive")
-    if width % group != 0:
-        raise RotaqError(f"{layer_name}: group size {group} does not divide input width {width}")
+    if width % group != 0 and not allow_ragged:
+        divisors = [g for g in (32, 64, 96, 128, 192, 256) if width % g == 0]
+        raise RotaqError(
+            f"{layer_name}: group size {group} does not divide input width {width}; pick a divisor "
+            f"({', '.join(map(str, divisors)) or 'none of 32-256'}) or pass --ragged-groups to let the last "
+            f"group hold the remaining {width % group} columns")
+
+
+def group_count(width: int, group: int | None) -> int:
+    """Groups along a row of ``width``: the last one is shorter when ``group`` does not divide it."""
+    return 1 if group is None else -(-width // group)

@@ -37,6 +37,8 @@ class QuantizeOptions:
     weights: str = "gptq"
     group: int | None = None
     act_clip_ratio: float | None = None
+    ragged_groups: bool = False
+    act_block_size: int | None = None  # None: the scheme's default; 0: per token
     act_order: bool = True
     calibration: DataSpec = DEFAULT_CALIBRATION
     progress: bool = True
@@ -50,6 +52,13 @@ def resolve_scheme(options: QuantizeOptions) -> QuantScheme:
         overrides["weight_group_size"] = options.group
     if options.act_clip_ratio is not None:
         overrides["act_clip_ratio"] = options.act_clip_ratio
+        if options.act_clip_ratio != 1.0:
+            # ONNX Runtime's per-block kernel does not clip: a clipped scheme quantizes per token.
+            overrides["act_block_size"] = None
+    if options.act_block_size is not None:
+        overrides["act_block_size"] = options.act_block_size or None
+    if options.ragged_groups:
+        overrides["ragged_groups"] = True
     return dataclasses.replace(scheme, **overrides) if overrides else scheme
 
 

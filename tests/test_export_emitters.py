@@ -135,3 +135,21 @@ def test_integer_tensors_hold_codes_exactly(bits: int, signed: bool) -> None:
     assert tensor.data_type == {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4,
                                 (8, True): TensorProto.INT8, (8, False): TensorProto.UINT8}[(bits, signed)]
     np.testing.assert_array_equal(numpy_helper.to_array(tensor).astype(np.int64), values)
+
+
+@pytest.mark.parametrize(("make", "symmetric"), [
+    (lambda w: MatMulNBitsLinear(w, 0), True), (lambda w: MatMulNBitsLinear(w, 0), False),
+    (lambda w: MatMulNBitsLinear(w, 4), True), (lambda w: QDQLinear(w, A4), True)],
+    ids=["nbits-acc0", "nbits-acc0-asym", "nbits-acc4", "qdq-a4"])
+def test_ragged_last_group_exports(make, symmetric: bool, tmp_path: Path) -> None:
+    """Width 96 in groups of 64: ONNX Runtime pads K to whole blocks, and computes the same layer."""
+    width = 96
+    weight = quantize_weight_rtn(torch.randn(OUT, width, generator=torch.Generator().manual_seed(3)), 4, 64,
+                                 symmetric, allow_ragged=True)
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(4))
+    emitter = make(weight)
+    model = single_layer_model(emitter, width, OUT, OPSET)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(tmp_path / "layer.onnx"))
+    produced = create_session(tmp_path / "layer.onnx").run(None, {"x": x.numpy()})[0]
+    assert relative_error(produced, emitter.reference(x)) < 1e-6

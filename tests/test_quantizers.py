@@ -8,7 +8,7 @@ import torch
 from pipeline.errors import NonFiniteError, RotaqError
 from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token, quantize_per_token
 from quantizers.gptq import HessianAccumulator, gptq_quantize
-from quantizers.rtn import fake_quantize_weight, quantize_weight_rtn
+from quantizers.rtn import fake_quantize_weight, qrange, quantize_weight_rtn
 from quantizers.schemes import QuantScheme, parse_scheme, validate_group
 
 
@@ -61,6 +61,16 @@ def test_parse_scheme_accepts_and_round_trips(name: str, wbits: int, abits: int,
     assert parse_scheme(scheme.name) == scheme
     assert scheme.lm_head_bits == 8 and scheme.weight_symmetric and scheme.weight_clip_search
     assert scheme.quantizes_activations == (abits < 16)
+
+
+def test_w4a8_activations_follow_onnx_runtimes_int8_kernel() -> None:
+    """W4A8 quantizes activations per block of 32 along K, as MatMulNBits accuracy_level 4 does."""
+    assert parse_scheme("w4a8").act_block_size == 32
+    assert all(parse_scheme(name).act_block_size is None for name in ("w8a8", "w4a4", "w4a16-g128"))
+    with pytest.raises(RotaqError, match="act_block_size=32.*--act-block-size 0"):
+        QuantScheme(weight_bits=4, act_bits=4, act_block_size=32)
+    with pytest.raises(RotaqError, match="act_block_size=32"):
+        QuantScheme(weight_bits=4, act_bits=8, act_block_size=32, act_clip_ratio=0.9)
 
 
 @pytest.mark.parametrize("name", ["w3a8", "w4a2", "w16a16", "w8a16", "fp8", "w4a16-g0", "w4a16-gx", "w4a16g128", ""])
@@ -239,8 +249,11 @@ def test_per_block_equals_per_token_on_blocks() -> None:
     y = fake_quantize_per_block(x, 8, 16, symmetric=False)
     blocks = x.reshape(3, 7, 4, 16)
     assert torch.equal(y, fake_quantize_per_token(blocks, 8, symmetric=False).reshape(3, 7, 64))
-    with pytest.raises(RotaqError, match="block_size=24"):
-        fake_quantize_per_block(x, 8, 24)
+    ragged = fake_quantize_per_block(x, 8, 24)  # blocks of 24, 24 and a last one of 16, as MLAS pads K
+    parts = [fake_quantize_per_token(part, 8) for part in x.split(24, dim=-1)]
+    assert torch.equal(ragged, torch.cat(parts, dim=-1))
+    with pytest.raises(RotaqError, match="block_size=0"):
+        fake_quantize_per_block(x, 8, 0)
 
 
 def test_activation_fake_quant_exports_to_onnx(tmp_path) -> None:
@@ -339,3 +352,34 @@ def test_gptq_rejects_non_finite_hessian_and_bad_shapes() -> None:
         gptq_quantize(w, torch.eye(16), 4, layer_name="o_proj")
     with pytest.raises(RotaqError, match="o_proj.*group size 24"):
         gptq_quantize(w, torch.eye(32), 4, group_size=24, layer_name="o_proj")
+
+
+def test_ragged_last_group_is_its_own_grid() -> None:
+    """A group size that does not divide the width: whole groups as usual, then one shorter group."""
+    w = _weight(out=12, inn=80)
+    with pytest.raises(RotaqError, match="group size 32 does not divide input width 80.*--ragged-groups"):
+        quantize_weight_rtn(w, 4, 32, layer_name="down_proj")
+    ragged = quantize_weight_rtn(w, 4, 32, allow_ragged=True)
+    assert ragged.scales.shape == (12, 3) and ragged.codes.shape == (12, 80) and ragged.ragged
+    whole = quantize_weight_rtn(w[:, :64], 4, 32)
+    tail = quantize_weight_rtn(w[:, 64:], 4, None)
+    torch.testing.assert_close(ragged.codes, torch.cat([whole.codes, tail.codes], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(ragged.scales, torch.cat([whole.scales, tail.scales], dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(ragged.dequantize(), torch.cat([whole.dequantize(), tail.dequantize()], dim=1))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_with_a_ragged_last_group(symmetric: bool) -> None:
+    x = _correlated_inputs(width=80)
+    w = _weight(out=16, inn=80)
+    hessian = 2.0 / x.shape[0] * x.T @ x
+    with pytest.raises(RotaqError, match="--ragged-groups"):
+        gptq_quantize(w, hessian, 4, 32, symmetric=symmetric)
+    rtn = quantize_weight_rtn(w, 4, 32, symmetric=symmetric, allow_ragged=True)
+    for act_order in (True, False):
+        qw = gptq_quantize(w, hessian, 4, 32, symmetric=symmetric, act_order=act_order, allow_ragged=True)
+        assert qw.scales.shape == (16, 3) and qw.codes.shape == (16, 80)
+        lo, hi = qrange(4, symmetric)
+        assert int(qw.codes.min()) >= lo and int(qw.codes.max()) <= hi
+        gptq_error = _output_error(x, w, qw.dequantize())
+        assert gptq_error < _output_error(x, w, rtn.dequantize())

@@ -161,8 +161,9 @@ def test_stage_missing_from_the_codebase_is_skipped_and_the_lineage_goes_on(
 
 @dataclass(frozen=True)
 class FakeBenchOptions:
-    model: str
+    models: tuple[str, ...]
     out: Path
+    reference: str | None
     prompt_lengths: tuple[int, ...]
     decode_tokens: int
     threads: int | None
@@ -170,7 +171,7 @@ class FakeBenchOptions:
 
 def fake_bench(options: FakeBenchOptions) -> None:
     """Stands in for the bench stage still being written: rows in the agreed bench.json format."""
-    row = {"model": Path(options.model).name, "scheme": "float", "prefill_ms_128": 1.25, "prefill_ms_512": 4.5,
+    row = {"model": Path(options.models[0]).name, "scheme": "float", "prefill_ms_128": 1.25, "prefill_ms_512": 4.5,
            "decode_tokens_per_s": 321.0, "file_mb": 0.75, "peak_rss_mb": 512.0}
     Path(options.out).mkdir(parents=True)
     (Path(options.out) / "bench.json").write_text(json.dumps([row]))

@@ -1,0 +1,393 @@
+"""The bench stage: latency, size, memory and accuracy of exported models beside their float baselines.
+
+Every run measures, together, the float32 ONNX graph (the reference every ratio is taken against),
+PyTorch eager float32 (what the user had before exporting) and each model asked for. Each target
+runs in its own worker process (`export.bench_worker`), pinned to the same cores; repeats are
+interleaved round by round across targets, so a slow spell on the machine touches every model
+alike. Medians are reported with their spread. Perplexity, KL divergence and top-1 agreement are
+measured on the ONNX graphs themselves, against the float32 graph, on the held-out split.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import platform
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from eval.tables import markdown_table, write_table
+from export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
+from export.layout import ExportLayout, read_layout
+from export.runtime import CPU, CUDA
+from pipeline.atomic import atomic_write, write_json_atomic
+from pipeline.data import DataSpec
+from pipeline.errors import ArtifactError, RotaqError
+
+BENCH_FILE = "bench.json"  # pipeline.stage_registry.BENCH_FILE: a JSON list of rows
+META_FILE = "bench_meta.json"
+REFERENCE_FOLDER = "reference-fp32"
+PEERS = ("genai",)
+COLUMNS = ["model", "scheme", "runtime", "kernels", "prefill_ms_128", "prefill_ms_512", "decode_tokens_per_s",
+           "file_mb", "peak_rss_mb", "perplexity", "kl_divergence", "top1_agreement", "prefill_speedup_128",
+           "prefill_speedup_512", "decode_speedup", "size_ratio"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    models: tuple[str, ...]
+    out: Path
+    reference: str | None = None  # a float32 export; found among `models` or exported from their float parent
+    prompt_lengths: tuple[int, ...] = (128, 512)
+    cached_tokens: int = 256
+    decode_tokens: int = 64
+    threads: int | None = None
+    repeats: int = 5
+    warmup: int = 1
+    eager: bool = True
+    cuda: bool = True  # also time on CUDA when onnxruntime-gpu and a GPU are present
+    evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
+    perplexity: bool = True
+    peers: tuple[str, ...] = ()  # "genai": onnxruntime-genai's builder graphs (int4, int8) of the same float model
+    progress: bool = True
+    extra_fields: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise RotaqError("bench needs at least one exported model folder")
+        if self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 1 or self.cached_tokens < 1:
+            raise RotaqError("bench: repeats, decode_tokens and cached_tokens must be at least 1, warmup at least 0")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise RotaqError(f"bench: prompt lengths {self.prompt_lengths} must be positive")
+        unknown = set(self.peers) - set(PEERS)
+        if unknown:
+            raise RotaqError(f"unknown peer(s) {', '.join(sorted(unknown))}; available: {', '.join(PEERS)}")
+
+
+@dataclass
+class Target:
+    """One timed row: a model on a runtime, its worker, and the samples it collected."""
+
+    label: str
+    spec: TargetSpec
+    layout: ExportLayout | None
+    description: dict[str, Any] = field(default_factory=dict)  # scheme, kernels, file_mb
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runtime(self) -> str:
+        if self.spec.kind in (EAGER, GENAI):
+            return self.spec.kind
+        return "onnxruntime-cuda" if self.spec.provider == CUDA else "onnxruntime-cpu"
+
+    @classmethod
+    def for_export(cls, layout: ExportLayout, threads: int, provider: str = CPU) -> Target:
+        return cls(_label(layout), TargetSpec(ONNX, str(layout.folder), threads, provider), layout,
+                   {"scheme": scheme_label(layout), "kernels": kernel_summary(layout),
+                    "file_mb": graph_size_mb(layout)})
+
+    def logits_fn(self) -> Any:
+        """The graph's logits callable for scoring, or None where it is not scored (PyTorch, CUDA)."""
+        if self.spec.provider != CPU or self.spec.kind == EAGER:
+            return None
+        if self.spec.kind == GENAI:
+            from export.peer_genai import GenaiTimed
+
+            return GenaiTimed(self.spec.path).logits
+        from export.runtime import OnnxDecoder
+
+        return OnnxDecoder(Path(self.spec.path), threads=self.spec.threads).logits
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def is_quantized(layout: ExportLayout) -> bool:
+    return bool((layout.manifest.get("source_manifest") or {}).get("quantization"))
+
+
+def scheme_label(layout: ExportLayout) -> str:
+    """The quantization scheme the export carries, or fp32; '+rot' when the model was rotated."""
+    source = layout.manifest.get("source_manifest") or {}
+    scheme = (source.get("quantization") or {}).get("scheme", {}).get("name", "fp32")
+    weights = (source.get("quantization") or {}).get("weights")
+    return scheme + (f" {weights}" if weights else "") + (" +rot" if source.get("rotation") else "")
+
+
+def kernel_summary(layout: ExportLayout) -> str:
+    """How the exported linears run, e.g. 'matmul_nbits acc4 ×210, matmul_nbits acc0 ×1'."""
+    kinds = Counter()
+    for linear in layout.manifest.get("linears", {}).values():
+        level = f" acc{linear['accuracy_level']}" if "accuracy_level" in linear else ""
+        kinds[f"{linear['kind']}{level}"] += 1
+    return ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common()) or "float MatMul"
+
+
+def graph_size_mb(layout: ExportLayout) -> float:
+    """Bytes on disk of the graph and its external weights, in MiB."""
+    names = {layout.manifest.get("graph", "model.onnx"), layout.manifest.get("external_data", "")}
+    return sum((layout.folder / name).stat().st_size for name in names if name and (layout.folder / name).is_file()) / 2**20
+
+
+def float_parent(layout: ExportLayout) -> str:
+    """The float model an export came from: the model itself, or the quantize stage's input."""
+    source = layout.manifest.get("model_source") or {}
+    if is_quantized(layout):
+        source = source.get("origin") or {}
+    reference = source.get("path") or source.get("id")
+    if not reference:
+        raise ArtifactError(f"{layout.folder}: export.json does not say which float model it came from")
+    return str(reference)
+
+
+def resolve_reference(options: BenchOptions, layouts: list[ExportLayout]) -> ExportLayout:
+    """The float32 export every ratio is taken against: given, found among the models, or exported
+    (once, into OUT/reference-fp32) from the float parent of the first model."""
+    if options.reference is not None:
+        layout = read_layout(Path(options.reference))
+        if is_quantized(layout):
+            raise RotaqError(f"--reference {options.reference} is quantized; give a float32 export")
+        return layout
+    for layout in layouts:
+        if not is_quantized(layout):
+            return layout
+    parent = float_parent(layouts[0])
+    folder = Path(options.out) / REFERENCE_FOLDER
+    if folder.is_dir():
+        cached = read_layout(folder)
+        if float_parent(cached) == parent:
+            return cached
+    from export.stage import ExportOptions, run_export
+
+    print(f"no float32 export among the models: exporting {parent} to {folder} as the reference")
+    return read_layout(run_export(ExportOptions(model=parent, out=folder)))
+
+
+def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], dict[str, Any]]:
+    layouts = [read_layout(Path(model)) for model in options.models]
+    reference = resolve_reference(options, layouts)
+    ordered = [reference, *(layout for layout in layouts if layout.folder.resolve() != reference.folder.resolve())]
+    notes: dict[str, Any] = {}
+    targets = [Target.for_export(layout, threads) for layout in ordered]
+    if options.eager:
+        targets.insert(1, Target(_label(reference), TargetSpec(EAGER, float_parent(reference), threads), None,
+                                 {"scheme": "fp32", "kernels": "PyTorch eager (transformers)"}))
+    if "genai" in options.peers:
+        targets += genai_targets(reference, Path(options.out), threads)
+    import onnxruntime as ort
+
+    if options.cuda and CUDA in ort.get_available_providers():
+        targets += [Target.for_export(t.layout, threads, CUDA) for t in targets if t.spec.kind == ONNX]
+    else:
+        notes["cuda"] = ("skipped: disabled" if not options.cuda else
+                         "skipped: this onnxruntime has no CUDAExecutionProvider (install the onnxruntime-gpu extra)")
+    return targets, notes
+
+
+def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Target]:
+    """onnxruntime-genai builder graphs (int4 and int8, CPU defaults) of the original float model."""
+    from export.peer_genai import PRECISIONS, build_peer, graph_files_mb, original_float_model
+
+    model = original_float_model(reference.manifest.get("model_source") or {})
+    targets = []
+    for precision in PRECISIONS:
+        folder = build_peer(model, precision, out / f"peer-genai-{precision}", out, threads)
+        targets.append(Target(folder.name, TargetSpec(GENAI, str(folder), threads), None,
+                              {"scheme": f"genai {precision}", "file_mb": graph_files_mb(folder),
+                               "kernels": "GroupQueryAttention, MatMulNBits block 32 acc4 (builder defaults)"}))
+    return targets
+
+
+def _label(layout: ExportLayout) -> str:
+    return layout.folder.name
+
+
+class Workers:
+    """One spawned worker process per target, started before timing and stopped afterwards."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.targets = targets
+        self.pipes, self.processes = [], []
+        for target in targets:
+            parent, child = context.Pipe()
+            process = context.Process(target=serve, args=(child, target.spec), daemon=True)
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+            target.info.update(self._receive(len(self.pipes) - 1))
+
+    def ask(self, index: int, *request: Any) -> Any:
+        self.pipes[index].send(request)
+        return self._receive(index)
+
+    def _receive(self, index: int) -> Any:
+        target = self.targets[index]
+        if not self.pipes[index].poll(3600):
+            raise RotaqError(f"bench worker for {target.label} ({target.runtime}) stopped answering")
+        try:
+            status, payload = self.pipes[index].recv()
+        except EOFError as exc:
+            raise RotaqError(f"bench worker for {target.label} ({target.runtime}) died; "
+                             f"exit code {self.processes[index].exitcode}") from exc
+        if status == "error":
+            raise RotaqError(f"bench of {target.label} ({target.runtime}) failed: {payload}")
+        return payload
+
+    def close(self) -> None:
+        for pipe, process in zip(self.pipes, self.processes, strict=True):
+            if process.is_alive():
+                pipe.send(("stop",))
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
+def time_targets(workers: Workers, options: BenchOptions) -> None:
+    """Warm-up rounds, then `repeats` rounds; each round visits every target, in an order that
+    rotates from round to round, and runs each prefill length and one decode run."""
+    targets = workers.targets
+    rounds = options.warmup + options.repeats
+    with tqdm(total=rounds * len(targets), desc="bench", disable=not options.progress) as bar:
+        for round_index in range(rounds):
+            shift = round_index % len(targets)
+            for index in list(range(len(targets)))[shift:] + list(range(len(targets)))[:shift]:
+                target = targets[index]
+                bar.set_postfix_str(f"{target.label} {target.runtime}")
+                measured = {f"prefill_{length}": workers.ask(index, "prefill", length)
+                            for length in options.prompt_lengths}
+                measured["decode"] = workers.ask(index, "decode", options.cached_tokens, options.decode_tokens)
+                if round_index >= options.warmup:
+                    for key, seconds in measured.items():
+                        target.samples.setdefault(key, []).append(seconds)
+                bar.update()
+    for index, target in enumerate(targets):
+        target.info["peak_rss_mb"] = workers.ask(index, "rss")
+
+
+def spread_pct(samples: list[float]) -> float:
+    """(max − min) / median over the repeats, in percent."""
+    median = statistics.median(samples)
+    return 100.0 * (max(samples) - min(samples)) / median if median > 0 else 0.0
+
+
+def timing_fields(target: Target, options: BenchOptions) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for length in options.prompt_lengths:
+        samples = target.samples[f"prefill_{length}"]
+        row[f"prefill_ms_{length}"] = 1000 * statistics.median(samples)
+        row[f"prefill_ms_{length}_spread_pct"] = spread_pct(samples)
+    decode = target.samples["decode"]
+    row["decode_tokens_per_s"] = options.decode_tokens / statistics.median(decode)
+    row["decode_spread_pct"] = spread_pct(decode)
+    return row
+
+
+def accuracy_fields(target: Target, reference: Target, windows: Any, progress: bool) -> dict[str, Any]:
+    """Perplexity on the graph itself, and KL / top-1 against the float32 graph (same windows)."""
+    from eval.metrics import evaluate_logits_fn
+
+    logits_fn = target.logits_fn()
+    if logits_fn is None:
+        return {}
+    reference_fn = None if target is reference else reference.logits_fn()
+    result = evaluate_logits_fn(logits_fn, windows, reference_fn, progress=progress,
+                                desc=f"perplexity {target.label}").to_dict()
+    fields = {"perplexity": result["perplexity"], "eval_tokens": result.get("tokens")}
+    if reference_fn is not None:
+        fields.update(kl_divergence=result.get("kl_divergence"), top1_agreement=result.get("top1_agreement"))
+    else:
+        fields.update(kl_divergence=0.0, top1_agreement=1.0)
+    return fields
+
+
+def evaluation_windows(options: BenchOptions, reference: Target) -> Any:
+    from transformers import AutoTokenizer
+
+    from pipeline.data import load_split_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference.layout.folder))
+    return load_split_windows(options.evaluation, tokenizer, "evaluation")
+
+
+def add_ratios(rows: list[dict[str, Any]], options: BenchOptions, reference_label: str) -> None:
+    """Speed-ups and size against the float32 ONNX row on the same runtime (> 1 is better, size < 1)."""
+    by_runtime = {row["runtime"]: row for row in rows if row["model"] == reference_label and row["runtime"] != EAGER}
+    for row in rows:
+        base = by_runtime.get(row["runtime"]) or by_runtime.get("onnxruntime-cpu")
+        if base is None:
+            continue
+        for length in options.prompt_lengths:
+            row[f"prefill_speedup_{length}"] = base[f"prefill_ms_{length}"] / row[f"prefill_ms_{length}"]
+        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        if row.get("file_mb") and base.get("file_mb"):
+            row["size_ratio"] = row["file_mb"] / base["file_mb"]
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        cpu += f" (avx2: {'avx2' in flags}, avx512_vnni: {'avx512_vnni' in flags}, avx_vnni: {'avx_vnni' in flags})"
+    return {"cpu": cpu, "threads": threads, "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
+    """Time, size and score every target; writes bench.{json,md,csv} and bench_meta.json to `out`."""
+    threads = options.threads or default_threads()
+    targets, notes = build_targets(options, threads)
+    reference = targets[0]
+    workers = Workers(targets)
+    try:
+        time_targets(workers, options)
+    finally:
+        workers.close()
+    windows = evaluation_windows(options, reference) if options.perplexity else None
+    rows = []
+    for target in targets:
+        row: dict[str, Any] = {"model": target.label, "runtime": target.runtime, **target.description,
+                               **timing_fields(target, options),
+                               "peak_rss_mb": target.info["peak_rss_mb"],
+                               # The worker's peak before it loaded the model (interpreter and imports).
+                               "baseline_rss_mb": target.info["baseline_rss_mb"],
+                               "threads": threads, **options.extra_fields}
+        if windows is not None:
+            row.update(accuracy_fields(target, reference, windows, options.progress))
+        rows.append(row)
+    add_ratios(rows, options, reference.label)
+    meta = {"machine": machine_info(threads), "notes": notes, "repeats": options.repeats, "warmup": options.warmup,
+            "prompt_lengths": list(options.prompt_lengths), "cached_tokens": options.cached_tokens,
+            "decode_tokens": options.decode_tokens, "reference": str(reference.layout.folder)}
+    write_bench_files(rows, meta, Path(options.out))
+    return rows
+
+
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    present = {key for row in rows for key in row}
+    extra = [key for row in rows for key in row if key not in COLUMNS and key not in ("threads",)]
+    return [c for c in COLUMNS if c in present] + list(dict.fromkeys(extra))
+
+
+def write_bench_files(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(rows, out / "bench", table_columns(rows))
+    write_json_atomic(out / META_FILE, meta)
+    notes = "".join(f"- {key}: {value}\n" for key, value in meta["notes"].items())
+    machine = meta["machine"]
+    atomic_write(out / "bench.md", markdown_table(rows, table_columns(rows)) + (
+        f"\nMedians of {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up round(s); "
+        f"decode: {meta['decode_tokens']} tokens after {meta['cached_tokens']} cached; "
+        f"{machine['threads']} threads on {machine['cpu']}; onnxruntime {machine['onnxruntime']}. "
+        f"Ratios are against the float32 ONNX row.\n" + notes))

@@ -6,7 +6,10 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.rotaq-installed
 DEMO   := runs/demo
 
-.PHONY: install test demo clean
+BENCH  := runs/bench
+SCHEMES := w8a8 w4a8 w4a16-g128 w4a4
+
+.PHONY: install test demo bench accuracy clean
 
 install: $(STAMP)
 
@@ -32,6 +35,24 @@ demo: install
 	$(VENV)/bin/rotaq eval --model $(DEMO)/w4a4 --reference default --max-tokens 4096 --out $(DEMO)/eval_w4a4.json
 	$(VENV)/bin/rotaq export --model $(DEMO)/w4a4 --out $(DEMO)/w4a4-onnx
 	$(VENV)/bin/rotaq generate $(DEMO)/w4a4-onnx --prompt "To be, or not to be" --max-new-tokens 32
+
+# Benchmarks (not tests): the numbers quoted in the README, on the embedded model.
+# accuracy: every scheme x {no rotation, rotation} x {RTN, GPTQ}, resumable (rows already measured are kept).
+accuracy: install
+	$(VENV)/bin/rotaq accuracy-table --out runs/accuracy --max-tokens 8192 --calib-tokens 8192
+
+# bench: GPTQ-quantize the rotated model to each scheme, export, then time everything in one run
+# beside float32 ONNX, PyTorch eager and onnxruntime-genai's builder graphs.
+bench: install
+	test -d $(BENCH)/rotated || $(VENV)/bin/rotaq rotate --out $(BENCH)/rotated
+	for s in $(SCHEMES); do \
+	  test -d $(BENCH)/$$s || $(VENV)/bin/rotaq quantize --model $(BENCH)/rotated --scheme $$s --weights gptq \
+	    --ragged-groups --max-tokens 8192 --out $(BENCH)/$$s || exit 1; \
+	  test -d $(BENCH)/$$s-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/$$s --out $(BENCH)/$$s-onnx || exit 1; \
+	done
+	test -d $(BENCH)/fp32-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/rotated --out $(BENCH)/fp32-onnx
+	$(VENV)/bin/rotaq bench $(BENCH)/fp32-onnx $(foreach s,$(SCHEMES),$(BENCH)/$(s)-onnx) --peer genai \
+	  --out $(BENCH)/results
 
 clean:
 	rm -rf $(VENV) runs

@@ -48,10 +48,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eval.tables import markdown_table
-    from export.bench import BenchOptions, run_bench, table_columns
+    from export.bench import BenchOptions, run_bench_with_meta, table_columns
     from pipeline.data import DataSpec
 
-    rows = run_bench(BenchOptions(
+    if args.baseline:  # fail on a bad baseline before spending minutes timing
+        from export.bench_gate import load_baseline
+
+        load_baseline(Path(args.baseline))
+    rows, meta = run_bench_with_meta(BenchOptions(
         models=tuple(args.folders), out=Path(args.out), reference=args.reference,
         prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")), cached_tokens=args.cached_tokens,
         decode_tokens=args.decode_tokens, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
@@ -63,7 +67,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         write_json_atomic(Path(args.json), rows)
     print(f"written to {Path(args.out) / 'bench'}.{{md,csv,json}}")
+    if args.save_baseline:
+        from export.bench_gate import save_baseline
+
+        print(f"baseline written to {save_baseline(rows, meta, Path(args.save_baseline))}")
+    if args.baseline:
+        return _gate(args, rows, meta)
     return 0
+
+
+def _gate(args: argparse.Namespace, rows: list, meta: dict) -> int:
+    from eval.tables import markdown_table
+    from export.bench_gate import compare, load_baseline
+
+    metrics = tuple(m.strip() for m in args.metric.split(","))
+    result = compare(rows, meta, load_baseline(Path(args.baseline)), args.max_regression, metrics, args.absolute)
+    print(markdown_table(result.rows, formats={"change": "+.1%", "change_vs_fp32": "+.1%"}))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    verdict = "FAILED" if result.failed else "passed"
+    print(f"latency gate {verdict} (tolerance {args.max_regression:.0%}, relative to the float32 graph"
+          f"{' and absolute' if args.absolute else ''})")
+    return 1 if result.failed else 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -98,6 +123,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (median reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads, pinned (default: all cores)")
+    bench.add_argument("--baseline", default=None, help="gate: compare with this baseline JSON; exit 1 on a regression")
+    bench.add_argument("--max-regression", type=float, default=0.10, help="gate tolerance (default 0.10 = 10%%)")
+    bench.add_argument("--metric", default="decode,prefill", help="gated measures: decode, prefill or both")
+    bench.add_argument("--absolute", action="store_true",
+                       help="gate also on absolute latency (default: only on the ratio to float32, which is "
+                            "robust to a slower or busier machine; absolute drops warn)")
+    bench.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON")
     bench.add_argument("--peer", action="append", default=[], choices=["genai"],
                        help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "
                             "(needs the 'peer' extra)")

@@ -28,18 +28,28 @@ def quantized_emitters(folder: Path, section: dict[str, Any], model: nn.Module) 
     if not codes_path.is_file():
         raise ArtifactError(f"{folder} is quantized but has no {codes_path.name} with the integer weights")
     tensors = load_file(str(codes_path))
-    emitters: dict[str, LinearEmitter] = {}
+    weights: dict[str, QuantizedWeight] = {}
     for path, values in section.get("layers", {}).items():
-        if not isinstance(model.get_submodule(path), nn.Linear):
-            continue
         spec = LayerQuantSpec.from_dict(values)
         missing = [f"{path}.{field}" for field in ("codes", "scales") if f"{path}.{field}" not in tensors]
         if missing:
             raise ArtifactError(f"{codes_path.name} lacks {', '.join(missing)}")
-        weight = QuantizedWeight(codes=tensors[f"{path}.codes"], scales=tensors[f"{path}.scales"],
-                                 zero_points=tensors.get(f"{path}.zero_points"), group_size=spec.group_size,
-                                 bits=spec.weight_bits, symmetric=spec.weight_symmetric)
+        weights[path] = QuantizedWeight(codes=tensors[f"{path}.codes"], scales=tensors[f"{path}.scales"],
+                                        zero_points=tensors.get(f"{path}.zero_points"), group_size=spec.group_size,
+                                        bits=spec.weight_bits, symmetric=spec.weight_symmetric)
+    return emitters_for(weights, section.get("layers", {}), model)
+
+
+def emitters_for(weights: dict[str, QuantizedWeight], layer_specs: dict[str, dict[str, Any]],
+                 model: nn.Module) -> dict[str, LinearEmitter]:
+    """Module path → emitter for every quantized linear, from the quantize stage's codes and specs
+    (what `quantizers.quantize_model.quantize_model` returns, or what a folder holds)."""
+    emitters: dict[str, LinearEmitter] = {}
+    for path, values in layer_specs.items():
+        if not isinstance(model.get_submodule(path), nn.Linear):
+            continue
+        spec = LayerQuantSpec.from_dict(values)
         act = ActQuant(bits=spec.act_bits, symmetric=spec.act_symmetric, clip_ratio=spec.act_clip_ratio,
                        block_size=spec.act_block_size)
-        emitters[path] = choose_emitter(weight, act)
+        emitters[path] = choose_emitter(weights[path], act)
     return emitters

@@ -94,3 +94,104 @@ def test_bench_builds_and_times_the_genai_peer(exports: dict[str, Path], tiny_te
         assert row["kl_divergence"] > 0 and 0 < row["top1_agreement"] <= 1 and row["decode_speedup"] > 0
     with pytest.raises(RotaqError, match="unknown peer"):
         _options((exports["fp32"],), tmp_path / "b", tiny_text_file, peers=("vllm",))
+
+
+def slowed_copy(folder: Path, dest: Path, matmuls: int = 40, width: int = 512) -> Path:
+    """The same export with extra input-dependent work added to its graph (a model slowed on purpose):
+    `matmuls` chained [tokens, width] × [width, width] products whose result is multiplied by 0."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shutil.copytree(folder, dest)
+    path = dest / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    producer = next(node for node in graph.node if "logits" in node.output)
+    producer.output[list(producer.output).index("logits")] = "logits_unslowed"
+    weight = np.random.default_rng(0).standard_normal((width, width)).astype(np.float32) / width
+    graph.initializer.extend([numpy_helper.from_array(weight, "slow_w"),
+                              numpy_helper.from_array(np.array([1, 1, width], np.int64), "slow_shape"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "slow_axes"),
+                              numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero")])
+    nodes = [helper.make_node("Cast", ["input_ids"], ["slow_ids"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["slow_ids", "slow_axes"], ["slow_col"]),
+             helper.make_node("Expand", ["slow_col", "slow_shape"], ["slow_x0"])]
+    for i in range(matmuls):
+        nodes += [helper.make_node("MatMul", [f"slow_x{i}", "slow_w"], [f"slow_m{i}"]),
+                  helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_x{i + 1}"])]
+    nodes += [helper.make_node("ReduceMean", [f"slow_x{matmuls}"], ["slow_mean"], keepdims=0),
+              helper.make_node("Mul", ["slow_mean", "slow_zero"], ["slow_nothing"]),
+              helper.make_node("Add", ["logits_unslowed", "slow_nothing"], ["logits"])]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return dest
+
+
+def _gate_run(models: tuple[Path, ...], out: Path, *flags: str) -> int:
+    return main(["bench", *map(str, models), "--out", str(out), "--no-eager", "--eval-tokens", "0",
+                 "--prompt-lengths", "64", "--cached-tokens", "32", "--decode-tokens", "32", "--repeats", "7",
+                 "--threads", "1", *flags])
+
+
+def test_latency_gate_passes_the_same_model_and_fails_a_slowed_one(exports: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    baseline = tmp_path / "base.json"
+    models = (exports["fp32"], exports["w4a8"])
+    assert _gate_run(models, tmp_path / "b0", "--save-baseline", str(baseline)) == 0
+    for attempt in range(2):  # the same models against their own baseline pass, run after run
+        assert _gate_run(models, tmp_path / f"b{attempt + 1}", "--baseline", str(baseline)) == 0
+        assert "latency gate passed" in capsys.readouterr().out
+    slowed = slowed_copy(exports["w4a8"], tmp_path / "slow" / exports["w4a8"].name)
+    assert _gate_run((exports["fp32"], slowed), tmp_path / "b3", "--baseline", str(baseline)) == 1
+    output = capsys.readouterr().out
+    assert "latency gate FAILED" in output and "| FAIL |" in output
+
+
+def _rows(speedup: float, tokens_per_s: float, reference_tokens_per_s: float) -> list[dict]:
+    return [{"model": "fp32", "runtime": "onnxruntime-cpu", "decode_tokens_per_s": reference_tokens_per_s,
+             "prefill_ms_128": 10.0, "decode_speedup_best": 1.0, "prefill_speedup_128_best": 1.0},
+            {"model": "w4a8", "runtime": "onnxruntime-cpu", "decode_tokens_per_s": tokens_per_s,
+             "prefill_ms_128": 10.0 / speedup, "decode_speedup_best": speedup, "prefill_speedup_128_best": speedup}]
+
+
+META = {"machine": {"cpu": "x", "threads": 2, "onnxruntime": "1"}, "reference_label": "fp32"}
+
+
+def test_gate_verdicts_relative_and_absolute(tmp_path: Path) -> None:
+    from export.bench_gate import compare, load_baseline, save_baseline
+
+    baseline = load_baseline(save_baseline(_rows(2.0, 200.0, 100.0), META, tmp_path / "base.json"))
+    same = compare(_rows(2.0, 200.0, 100.0), META, baseline, 0.10)
+    assert not same.failed and {row["verdict"] for row in same.rows} == {"ok"} and not same.warnings
+    slower_model = compare(_rows(1.7, 170.0, 100.0), META, baseline, 0.10)
+    assert slower_model.failed and [r["measure"] for r in slower_model.rows if r["verdict"] == "FAIL"] == [
+        "decode_tokens_per_s", "prefill_ms_128"]
+    assert compare(_rows(1.7, 170.0, 100.0), META, baseline, 0.20).failed is False  # within a 20% tolerance
+    # Everything 30% slower, ratios unchanged: a slower machine warns, and fails only with absolute=True.
+    slower_machine = compare(_rows(2.0, 140.0, 70.0), META, baseline, 0.10)
+    assert not slower_machine.failed and any("absolute terms" in w for w in slower_machine.warnings)
+    assert compare(_rows(2.0, 140.0, 70.0), META, baseline, 0.10, absolute=True).failed
+    only_decode = compare(_rows(2.0, 200.0, 100.0), META, baseline, 0.10, metrics=("decode",))
+    assert {row["measure"] for row in only_decode.rows} == {"decode_tokens_per_s"}
+
+
+def test_gate_warns_and_refuses_clearly(tmp_path: Path) -> None:
+    from export.bench_gate import compare, load_baseline, save_baseline
+
+    baseline = load_baseline(save_baseline(_rows(2.0, 200.0, 100.0), META, tmp_path / "base.json"))
+    other = {"machine": {"cpu": "y", "threads": 4, "onnxruntime": "1"}, "reference_label": "other-fp32"}
+    warnings = compare(_rows(2.0, 200.0, 100.0), other, baseline, 0.10).warnings
+    assert any("cpu differs" in w for w in warnings) and any("threads differs" in w for w in warnings)
+    assert any("a different model?" in w for w in warnings)
+    with pytest.raises(RotaqError, match="max-regression"):
+        compare([], META, baseline, 10)
+    with pytest.raises(RotaqError, match="unknown gate metric"):
+        compare([], META, baseline, 0.1, metrics=("memory",))
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_baseline(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="not a rotaq bench baseline"):
+        load_baseline(tmp_path / "bad.json")

@@ -7,6 +7,7 @@ model that is scored and the codes that are exported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,21 @@ class QuantizeSettings:
             raise RotaqError(f"unknown weight quantizer '{self.weights}'; choose one of {', '.join(WEIGHT_METHODS)}")
 
 
+def activation_block(scheme: QuantScheme) -> int | None:
+    """The scheme's activation block, shrunk to fit inside its weight groups (a MatMulNBits block
+    must not straddle two groups); per token when no kernel block size fits (below 16)."""
+    block = scheme.act_block_size
+    if block is None or scheme.weight_group_size is None:
+        return block
+    fitted = math.gcd(block, scheme.weight_group_size)
+    return fitted if fitted >= 16 else None
+
+
 def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
     return LayerQuantSpec(weight_bits=scheme.weight_bits, group_size=scheme.weight_group_size,
                           weight_symmetric=scheme.weight_symmetric, act_bits=scheme.act_bits,
                           act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio,
-                          act_block_size=scheme.act_block_size)
+                          act_block_size=activation_block(scheme))
 
 
 def head_spec(bits: int) -> LayerQuantSpec:

@@ -147,7 +147,7 @@ class QuantizedWeight:
         codes = codes.view(out_features, self.n_groups, self.effective_group_size)
         zero = None if self.zero_points is None else self.zero_points.float().unsqueeze(-1)
         deq = dequantize_codes(codes, self.scales.unsqueeze(-1), zero)
-        return deq.reshape(out_features, -1)[:, :in_features]
+        return deq.reshape(out_features, -1)[:, :in_features].contiguous()  # own storage: safetensors saves it
 
 
 def pad_columns(w: Tensor, width: int) -> Tensor:

@@ -31,11 +31,13 @@ def rotated_tiny(tiny_hf_folder: Path, tmp_path_factory: pytest.TempPathFactory)
     return run_rotate(RotateOptions(model=str(tiny_hf_folder), out=tmp_path_factory.mktemp("q") / "rotated"))
 
 
-@pytest.mark.parametrize("scheme, weights", [("w4a4", "gptq"), ("w8a8", "rtn"), ("w4a16-g16", "gptq")])
+@pytest.mark.parametrize("scheme, weights", [("w4a4", "gptq"), ("w8a8", "rtn"), ("w4a16-g16", "gptq"),
+                                             ("w4a16-g32", "gptq")])  # 48 and 80 wide: a ragged last group
 def test_quantized_folder_codes_match_fake_quant_weights(rotated_tiny: Path, tiny_text_file: Path, tmp_path: Path,
                                                          scheme: str, weights: str) -> None:
     out = run_quantize(QuantizeOptions(model=str(rotated_tiny), out=tmp_path / scheme, scheme=scheme, weights=weights,
-                                       calibration=DataSpec(str(tiny_text_file), 32, 256), progress=False))
+                                       ragged_groups=True, calibration=DataSpec(str(tiny_text_file), 32, 256),
+                                       progress=False))
     manifest = read_manifest(out)
     section = manifest["quantization"]
     assert section["scheme"]["name"] == scheme and manifest["rotation"]["online"]
@@ -47,9 +49,10 @@ def test_quantized_folder_codes_match_fake_quant_weights(rotated_tiny: Path, tin
         layer_codes = codes[f"{path}.codes"]
         assert layer_codes.min() >= -(2 ** (bits - 1)) and layer_codes.max() <= 2 ** (bits - 1) - 1
         scales = codes[f"{path}.scales"]
-        groups = scales.shape[1]
-        rebuilt = dequantize_codes(layer_codes.float().view(layer_codes.shape[0], groups, -1),
-                                   scales.unsqueeze(-1), None).reshape(layer_codes.shape)
+        group = spec["group_size"] or layer_codes.shape[1]
+        assert scales.shape[1] == -(-layer_codes.shape[1] // group)
+        rebuilt = torch.cat([dequantize_codes(part.float(), scales[:, g : g + 1], None)
+                             for g, part in enumerate(layer_codes.split(group, dim=1))], dim=1)
         torch.testing.assert_close(rebuilt, state[f"{path}.weight"], rtol=0, atol=1e-6)
     down = loaded.model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantizedLinear) and down.input_rotation is not None

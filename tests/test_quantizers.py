@@ -65,8 +65,12 @@ def test_parse_scheme_accepts_and_round_trips(name: str, wbits: int, abits: int,
 
 def test_w4a8_activations_follow_onnx_runtimes_int8_kernel() -> None:
     """W4A8 quantizes activations per block of 32 along K, as MatMulNBits accuracy_level 4 does."""
-    assert parse_scheme("w4a8").act_block_size == 32
-    assert all(parse_scheme(name).act_block_size is None for name in ("w8a8", "w4a4", "w4a16-g128"))
+    assert parse_scheme("w4a8").act_block_size == 32 and parse_scheme("w8a8").act_block_size == 64
+    assert all(parse_scheme(name).act_block_size is None for name in ("w4a4", "w4a16-g128"))
+    from quantizers.quantize_model import activation_block
+
+    assert activation_block(parse_scheme("w8a8-g32")) == 32 and activation_block(parse_scheme("w8a8-g48")) == 16
+    assert activation_block(parse_scheme("w4a8-g40")) is None  # no kernel block fits: per token
     with pytest.raises(RotaqError, match="act_block_size=32.*--act-block-size 0"):
         QuantScheme(weight_bits=4, act_bits=4, act_block_size=32)
     with pytest.raises(RotaqError, match="act_block_size=32"):

@@ -153,15 +153,19 @@ def _export(api: ModuleType, call: StageCall) -> None:
 
 
 def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
-    return _section_options(config.bench)
+    # The graphs' perplexity is measured on the run's own held-out text.
+    return {**_section_options(config.bench), "data": config.data, "seq_len": config.seq_len,
+            "eval_tokens": config.eval.max_tokens}
 
 
 def _bench(api: ModuleType, call: StageCall) -> None:
     options = call.options
+    evaluation = DataSpec(options["data"], options["seq_len"], options["eval_tokens"])
     api.run_bench(api.BenchOptions(models=(call.inputs["model"],), out=call.output,
                                    reference=call.inputs.get("reference"),
                                    prompt_lengths=tuple(options["prompt_lengths"]),
-                                   decode_tokens=options["decode_tokens"], threads=options["threads"]))
+                                   decode_tokens=options["decode_tokens"], threads=options["threads"],
+                                   evaluation=evaluation, progress=False))
 
 
 def _outliers_options(config: RunConfig, branch: str | None) -> dict[str, Any]:

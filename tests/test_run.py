@@ -167,6 +167,8 @@ class FakeBenchOptions:
     prompt_lengths: tuple[int, ...]
     decode_tokens: int
     threads: int | None
+    evaluation: Any = None
+    progress: bool = True
 
 
 def fake_bench(options: FakeBenchOptions) -> None:

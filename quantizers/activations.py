@@ -94,13 +94,18 @@ def fake_quantize_per_block(
     # A last partial block is its own (shorter) block, as in MLAS, which pads K with zeros.
     n_blocks = -(-width // block_size)
     blocks = torch.nn.functional.pad(x.float(), (0, n_blocks * block_size - width)).unflatten(-1, (n_blocks, block_size))
-    scale, zero = _per_token_params(blocks, bits, symmetric, clip_ratio)
-    # MLAS multiplies by the reciprocal of the scale rather than dividing by it; the two round
-    # differently at ties (frequent on inputs that are themselves dequantized codes, such as the
-    # first layer's embeddings), so this follows the kernel.
-    codes = torch.round(blocks * (1.0 / scale))
-    if zero is not None:
-        codes = codes + zero
     qmin, qmax = qrange(bits, symmetric)
-    q = dequantize_codes(codes.clamp(qmin, qmax), scale, zero).flatten(-2)[..., :width].to(x.dtype)
+    if symmetric:
+        # MLAS's arithmetic, operation for operation (QuantizeARow_CompInt8): scale = amax / 127 and
+        # codes = round_half_even(x * (127 / amax)). Dividing x by the scale, or torch's `127 / t`
+        # (a reciprocal times 127), round differently at ties, which are frequent on inputs that are
+        # themselves dequantized codes (the first layer's embeddings).
+        amax = blocks.abs().amax(dim=-1, keepdim=True) * clip_ratio
+        scale = amax / qmax
+        inverse = torch.where(amax > 0, torch.full_like(amax, float(qmax)) / amax, torch.zeros_like(amax))
+        q = torch.round(blocks * inverse).clamp(qmin, qmax) * scale
+    else:
+        scale, zero = _per_token_params(blocks, bits, symmetric, clip_ratio)
+        q = dequantize_codes(quantize_to_codes(blocks, scale, zero, bits, symmetric), scale, zero)
+    q = q.flatten(-2)[..., :width].to(x.dtype)
     return x + (q - x).detach()

@@ -248,13 +248,32 @@ def test_low_precision_input_keeps_dtype() -> None:
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
 
 
+def _mlas_int8_reference(x):
+    """ONNX Runtime's MLAS activation quantizer (QuantizeARow_CompInt8) in numpy float32, per row:
+    scale = amax / 127, codes = round-half-even(x * (127 / amax))."""
+    import numpy as np
+
+    amax = np.abs(x).max(axis=-1, keepdims=True).astype(np.float32)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.rint(x * inverse) * (amax / np.float32(127))).astype(np.float32)
+
+
+def test_per_block_activations_round_like_mlas_at_ties() -> None:
+    """Inputs that are dequantized codes put x * 127 / amax exactly on .5: the kernel's arithmetic
+    (multiply by 127 / amax, round half to even) decides, and dividing by the scale would not agree."""
+    codes = torch.tensor([126.0, 63.0, -63.0, 21.0, 1.0, -105.0, 35.0, 7.0] * 4)
+    x = (codes * 0.0173).reshape(1, 32)
+    expected = torch.from_numpy(_mlas_int8_reference(x.numpy()))
+    assert torch.equal(fake_quantize_per_block(x, 8, 32), expected)
+
+
 def test_per_block_equals_per_token_on_blocks() -> None:
     x = _tokens()
     y = fake_quantize_per_block(x, 8, 16, symmetric=False)
     blocks = x.reshape(3, 7, 4, 16)
     assert torch.equal(y, fake_quantize_per_token(blocks, 8, symmetric=False).reshape(3, 7, 64))
     ragged = fake_quantize_per_block(x, 8, 24)  # blocks of 24, 24 and a last one of 16, as MLAS pads K
-    parts = [fake_quantize_per_token(part, 8) for part in x.split(24, dim=-1)]
+    parts = [torch.from_numpy(_mlas_int8_reference(part.numpy())) for part in x.split(24, dim=-1)]
     assert torch.equal(ragged, torch.cat(parts, dim=-1))
     with pytest.raises(RotaqError, match="block_size=0"):
         fake_quantize_per_block(x, 8, 0)

@@ -277,6 +277,13 @@ class MatMulNBitsLinear:
         self.weight, self.accuracy_level, self.block_size = weight, accuracy_level, block_size
         self._dequantized = weight.dequantize()
 
+    @property
+    def check_tolerance(self) -> float:
+        """8-bit weights at level 4: MLAS sums qa·(qw + 128) in int32, then subtracts 128·Σqa·scales in
+        float32; when the activations have a large mean that subtraction cancels and costs up to
+        ~1e-4 of the output range (measured on a rotated model's lm_head input), beyond 1e-5."""
+        return 1e-3 if self.weight.bits == 8 and self.accuracy_level == 4 else 1e-5
+
     def reference(self, x: Tensor) -> Tensor:
         if self.accuracy_level == 4:
             x = fake_quantize_per_block(x, 8, self.block_size)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export.emitters import LinearEmitter
+from quantizers.rtn import QuantizedWeight
 from pipeline.errors import UnsupportedModelError
 from pipeline.families import DecoderFamily, decoder_layers
 
@@ -166,7 +167,8 @@ class DecoderGraph(nn.Module):
     """The whole causal LM with an explicit KV cache; see the module docstring for the convention."""
 
     def __init__(self, model: nn.Module, family: DecoderFamily,
-                 emitters: dict[str, LinearEmitter] | None = None) -> None:
+                 emitters: dict[str, LinearEmitter] | None = None,
+                 embedding_codes: QuantizedWeight | None = None) -> None:
         super().__init__()
         emitters = emitters or {}
         config = model.config
@@ -184,6 +186,16 @@ class DecoderGraph(nn.Module):
         # A tied head reads the embedding matrix through a Transpose rather than storing a second copy.
         tied = lm_head.weight is embed.weight
         self.lm_head = None if tied else ExportLinear(lm_head, family.lm_head, emitters.get(family.lm_head))
+        self.embed_codes: torch.Tensor | None
+        self.embed_scales: torch.Tensor | None
+        if not (embedding_codes is not None and not tied and embedding_codes.n_groups == 1
+                and embedding_codes.symmetric and embedding_codes.bits == 8):
+            self.embed_codes = self.embed_scales = None
+        else:
+            # Rows are looked up as int8 codes times their row scale (codes * scale, the quantize
+            # stage's own dequantization, so the same floats): the table is stored in 8 bits, not 32.
+            self.register_buffer("embed_codes", embedding_codes.codes.clone(), persistent=False)
+            self.register_buffer("embed_scales", embedding_codes.scales.clone(), persistent=False)
         unplaced = sorted(set(emitters) - {m.path for m in self.modules() if isinstance(m, ExportLinear)})
         if unplaced:
             raise UnsupportedModelError(f"quantized layers with no exported linear: {', '.join(unplaced)} "
@@ -204,7 +216,10 @@ class DecoderGraph(nn.Module):
         past = past_key_values[0].shape[2]
         cos, sin = self._rope_tables(attention_mask, past)
         masks = self._attention_masks(attention_mask, seq, past)
-        hidden_states = F.embedding(input_ids, self.embed_weight)
+        if self.embed_codes is None:
+            hidden_states = F.embedding(input_ids, self.embed_weight)
+        else:
+            hidden_states = F.embedding(input_ids, self.embed_codes).float() * F.embedding(input_ids, self.embed_scales)
         present: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             hidden_states, key, value = layer(hidden_states, cos, sin, masks[layer.sliding_window],

@@ -24,6 +24,11 @@ DEFAULT_CODES_NAME = "quantized.safetensors"
 
 def quantized_emitters(folder: Path, section: dict[str, Any], model: nn.Module) -> dict[str, LinearEmitter]:
     """Module path → emitter for every quantized linear of a quantized stage folder."""
+    return emitters_for(quantized_weights(folder, section), section.get("layers", {}), model)
+
+
+def quantized_weights(folder: Path, section: dict[str, Any]) -> dict[str, QuantizedWeight]:
+    """Module path → the integer codes of every quantized module of a quantized stage folder."""
     codes_path = Path(folder) / section.get("codes_file", DEFAULT_CODES_NAME)
     if not codes_path.is_file():
         raise ArtifactError(f"{folder} is quantized but has no {codes_path.name} with the integer weights")
@@ -37,7 +42,7 @@ def quantized_emitters(folder: Path, section: dict[str, Any], model: nn.Module) 
         weights[path] = QuantizedWeight(codes=tensors[f"{path}.codes"], scales=tensors[f"{path}.scales"],
                                         zero_points=tensors.get(f"{path}.zero_points"), group_size=spec.group_size,
                                         bits=spec.weight_bits, symmetric=spec.weight_symmetric)
-    return emitters_for(weights, section.get("layers", {}), model)
+    return weights
 
 
 def emitters_for(weights: dict[str, QuantizedWeight], layer_specs: dict[str, dict[str, Any]],

@@ -20,7 +20,7 @@ from export.checks import check_graph_matches_model, check_onnx_file, check_quan
 from export.graph_module import DecoderGraph, ExportLinear
 from export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
 from export.onnx_export import export_onnx
-from export.quantized import quantized_emitters
+from export.quantized import emitters_for, quantized_weights
 from export.runtime import OnnxDecoder
 from pipeline.artifacts import package_versions, sha256_file, staged_folder
 from pipeline.loading import LoadedModel, load_model
@@ -44,10 +44,14 @@ def check_token_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
 
 
 def build_graph(loaded: LoadedModel) -> DecoderGraph:
-    """The export forward for a loaded model, with quantized kernels when the folder is quantized."""
+    """The export forward for a loaded model, with quantized kernels (and the embedding table as
+    integer codes) when the folder is quantized."""
     section = (loaded.manifest or {}).get("quantization")
-    emitters = quantized_emitters(Path(loaded.source["path"]), section, loaded.model) if section else None
-    return DecoderGraph(loaded.model, loaded.family, emitters).eval()
+    if not section:
+        return DecoderGraph(loaded.model, loaded.family).eval()
+    weights = quantized_weights(Path(loaded.source["path"]), section)
+    emitters = emitters_for(weights, section.get("layers", {}), loaded.model)
+    return DecoderGraph(loaded.model, loaded.family, emitters, weights.get(loaded.family.embed_tokens)).eval()
 
 
 def run_export(options: ExportOptions) -> Path:

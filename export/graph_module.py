@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export.emitters import LinearEmitter
+from quantizers.linear import LayerQuantSpec, quantize_output
 from quantizers.rtn import QuantizedWeight
 from pipeline.errors import UnsupportedModelError
 from pipeline.families import DecoderFamily, decoder_layers
@@ -75,6 +76,8 @@ class ExportLinear(nn.Module):
         # Registered so the rotation's factors are this module's buffers (named initializers) on export.
         self.input_rotation = getattr(source, "input_rotation", None)
         self.matmul_input: Callable[[torch.Tensor], torch.Tensor] | None = getattr(source, "matmul_input", None)
+        # A k_proj / v_proj with KV-cache quantization fake-quantizes its output in float ops, as in PyTorch.
+        self.output_spec: LayerQuantSpec | None = getattr(source, "spec", None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.matmul_input(hidden_states) if self.matmul_input is not None else hidden_states
@@ -82,7 +85,8 @@ class ExportLinear(nn.Module):
             output = x @ self.weight_t
         else:
             output = self.emitter.reference(x)
-        return output if self.bias is None else output + self.bias
+        output = output if self.bias is None else output + self.bias
+        return output if self.output_spec is None else quantize_output(output, self.output_spec)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     out = run_quantize(QuantizeOptions(
         model=args.model, out=Path(args.out), scheme=args.scheme, weights=args.weights, group=args.group,
-        act_clip_ratio=args.act_clip_ratio, ragged_groups=args.ragged_groups, act_block_size=args.act_block_size, act_order=not args.no_act_order,
+        act_clip_ratio=args.act_clip_ratio, ragged_groups=args.ragged_groups, act_block_size=args.act_block_size, kv_bits=args.kv_bits, act_order=not args.no_act_order,
         calibration=DataSpec(source=args.calib, seq_len=args.seq_len, max_tokens=args.max_tokens)))
     print(f"quantized model ({args.scheme}, {args.weights}) written to {out}")
     return 0
@@ -31,6 +31,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     quantize.add_argument("--act-block-size", type=int, default=None,
                           help="int8 activations per block of N along K, as ONNX Runtime's MatMulNBits "
                                "accuracy_level 4 computes them (w4a8 default 32); 0 = per token")
+    quantize.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                          help="also quantize the KV cache: k_proj/v_proj outputs per token and head, symmetric")
     quantize.add_argument("--ragged-groups", action="store_true",
                           help="allow a shorter last weight group where the group size does not divide a width "
                                "(e.g. -g128 on 576: groups of 128 and a last one of 64, as MatMulNBits pads K)")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantizers.activations import fake_quantize_activations
+from quantizers.activations import fake_quantize_activations, fake_quantize_per_token
 from rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
@@ -28,6 +28,10 @@ class LayerQuantSpec:
     act_symmetric: bool = True
     act_clip_ratio: float = 1.0
     act_block_size: int | None = None  # None: per token; else per block of K (ONNX Runtime's A8 kernels)
+    # KV-cache quantization on k_proj / v_proj: the output, i.e. what the cache stores, fake-quantized
+    # symmetric per token and per head (groups of `output_group` = head_dim).
+    output_bits: int | None = None
+    output_group: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -35,6 +39,14 @@ class LayerQuantSpec:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LayerQuantSpec:
         return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+
+def quantize_output(output: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """The KV-cache fake quantization of a k_proj / v_proj output (identity for other layers)."""
+    if not spec.output_bits or spec.output_bits >= 16:
+        return output
+    heads = output.unflatten(-1, (-1, spec.output_group))
+    return fake_quantize_per_token(heads, spec.output_bits).flatten(-2)
 
 
 class QuantizedLinear(nn.Linear):
@@ -65,7 +77,8 @@ class QuantizedLinear(nn.Linear):
                                          spec.act_block_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(self.matmul_input(hidden_states)), self.weight, self.bias)
+        output = F.linear(self.quantize_input(self.matmul_input(hidden_states)), self.weight, self.bias)
+        return quantize_output(output, self.spec)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.spec}"

@@ -7,6 +7,7 @@ model that is scored and the codes that are exported.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -71,6 +72,15 @@ def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
 # path for 8-bit weights and dequantizes the whole head on every call (measured: 142 ms per decode
 # step for SmolLM2's 49152 x 576 head, against 0.7 ms at level 4).
 LM_HEAD_ACT_BLOCK = 64
+
+
+def kv_cache_spec(spec: LayerQuantSpec, scheme: QuantScheme, model: nn.Module) -> LayerQuantSpec:
+    """k_proj / v_proj: the decoder spec plus, with `kv_bits`, per-token per-head output quantization."""
+    if scheme.kv_bits is None or scheme.kv_bits >= 16:
+        return spec
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return dataclasses.replace(spec, output_bits=scheme.kv_bits, output_group=int(head_dim))
 
 
 def head_spec(bits: int, quantize_input: bool = False) -> LayerQuantSpec:
@@ -142,21 +152,23 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
     inputs = (capture_first_layer_inputs(model, family, calibration_windows, settings.batch_size)
               if settings.weights == "gptq" else None)
     spec = decoder_layer_spec(scheme)
+    layer_specs = {path: kv_cache_spec(spec, scheme, model) if path in family.attention_inputs[1:] else spec
+                   for path in family.decoder_linears}
     for index, layer in enumerate(tqdm(layers, desc=f"quantize {scheme.name} ({settings.weights})",
                                        disable=not settings.progress)):
         prefix = f"{family.layers}.{index}"
-        wrapped = {path: install_quantized_linear(layer, path, spec) for path in family.decoder_linears}
+        wrapped = {path: install_quantized_linear(layer, path, layer_specs[path]) for path in family.decoder_linears}
         if settings.weights == "gptq":
             layer_codes = _quantize_layer_gptq(layer, prefix, wrapped, inputs, settings, family)
             inputs.hidden_states = run_layer(layer, inputs)
         else:
             layer_codes = {}
             for path, module in wrapped.items():
-                layer_codes[path] = _quantize_rtn(module, spec, scheme, f"{prefix}.{path}")
+                layer_codes[path] = _quantize_rtn(module, module.spec, scheme, f"{prefix}.{path}")
                 _set_dequantized(module, layer_codes[path])
         for path, quantized in layer_codes.items():
             codes[f"{prefix}.{path}"] = quantized
-            specs[f"{prefix}.{path}"] = spec.to_dict()
+            specs[f"{prefix}.{path}"] = layer_specs[path].to_dict()
     if scheme.lm_head_bits is not None:
         _quantize_heads(model, family, scheme, codes, specs)
     return codes, specs

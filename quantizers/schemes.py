@@ -73,8 +73,8 @@ class QuantScheme:
                 f"act_block_size={self.act_block_size}: per-block activations follow ONNX Runtime's kernel, which "
                 f"quantizes int8, symmetric, unclipped, in blocks of {', '.join(map(str, ACT_BLOCK_SIZES))}; "
                 "pass --act-block-size 0 for per-token activations with other settings")
-        if self.kv_bits is not None and self.kv_bits not in ACT_BITS:
-            raise RotaqError(f"kv_bits={self.kv_bits} is not supported; use one of {ACT_BITS} or None")
+        if self.kv_bits is not None and self.kv_bits not in (4, 8):
+            raise RotaqError(f"kv_bits={self.kv_bits} is not supported; use 4 or 8, or None for a float cache")
         if self.lm_head_bits is not None and self.lm_head_bits not in WEIGHT_BITS:
             raise RotaqError(f"lm_head_bits={self.lm_head_bits} is not supported; use one of {WEIGHT_BITS} or None")
 

@@ -39,6 +39,7 @@ class QuantizeOptions:
     act_clip_ratio: float | None = None
     ragged_groups: bool = False
     act_block_size: int | None = None  # None: the scheme's default; 0: per token
+    kv_bits: int | None = None  # KV-cache fake quantization (k_proj / v_proj outputs), 4 or 8 bits
     act_order: bool = True
     calibration: DataSpec = DEFAULT_CALIBRATION
     progress: bool = True
@@ -57,6 +58,8 @@ def resolve_scheme(options: QuantizeOptions) -> QuantScheme:
             overrides["act_block_size"] = None
     if options.act_block_size is not None:
         overrides["act_block_size"] = options.act_block_size or None
+    if options.kv_bits is not None:
+        overrides["kv_bits"] = options.kv_bits
     if options.ragged_groups:
         overrides["ragged_groups"] = True
     return dataclasses.replace(scheme, **overrides) if overrides else scheme

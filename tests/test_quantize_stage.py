@@ -85,3 +85,37 @@ def test_quantize_refuses_bad_input(rotated_tiny: Path, tmp_path: Path) -> None:
                                          progress=False))
     with pytest.raises(RotaqError, match="already quantized"):
         run_quantize(QuantizeOptions(model=str(first), out=tmp_path / "y", weights="rtn", progress=False))
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_kv_cache_quantization_is_per_token_and_head_and_exports(rotated_tiny: Path, tmp_path: Path,
+                                                                 kv_bits: int) -> None:
+    """k_proj / v_proj outputs (the cache) on a per-head int grid; the ONNX graph computes the same."""
+    from export.layout import read_layout
+    from export.runtime import OnnxDecoder
+    from export.stage import ExportOptions, run_export
+    from tests.tiny_models import random_tokens
+
+    out = run_quantize(QuantizeOptions(model=str(rotated_tiny), out=tmp_path / "q", scheme="w8a8", weights="rtn",
+                                       kv_bits=kv_bits, progress=False))
+    loaded = load_model(str(out))
+    attention = loaded.model.model.layers[0].self_attn
+    assert attention.k_proj.spec.output_bits == kv_bits and attention.q_proj.spec.output_bits is None
+    head_dim = attention.k_proj.spec.output_group
+    captured = {}
+    attention.v_proj.register_forward_hook(lambda module, args, output: captured.setdefault("v", output))
+    tokens = random_tokens(2, 12)
+    with torch.inference_mode():
+        logits = loaded.model(tokens).logits
+    heads = captured["v"].unflatten(-1, (-1, head_dim))
+    scale = heads.abs().amax(-1, keepdim=True) / (2 ** (kv_bits - 1) - 1)
+    codes = heads / torch.where(scale > 0, scale, torch.ones_like(scale))
+    assert float((codes - codes.round()).abs().max()) < 1e-3  # every head of every token on its own grid
+    without = load_model(str(run_quantize(QuantizeOptions(model=str(rotated_tiny), out=tmp_path / "q0",
+                                                          scheme="w8a8", weights="rtn", progress=False)))).model
+    with torch.inference_mode():
+        assert not torch.allclose(without(tokens).logits, logits)
+    exported = run_export(ExportOptions(model=str(out), out=tmp_path / "onnx"))
+    assert read_layout(exported).manifest["checks"]["ort_vs_torch"]["top1_agreement"] >= 0.99
+    produced = OnnxDecoder(exported).logits(tokens.numpy())
+    assert (produced.argmax(-1) == logits.argmax(-1).numpy()).mean() >= 0.99

@@ -405,12 +405,12 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_bench_files(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_table(rows, out / "bench", table_columns(rows))
+    write_table(rows, out / Path(BENCH_FILE).stem, table_columns(rows))
     write_json_atomic(out / META_FILE, meta)
     notes = "".join(f"- {key}: {value}\n" for key, value in meta["notes"].items())
     machine = meta["machine"]
     readable = [c for c in table_columns(rows) if not c.endswith("_best") and c != "baseline_rss_mb"]
-    atomic_write(out / "bench.md", markdown_table(rows, readable) + (
+    atomic_write(out / Path(BENCH_FILE).with_suffix(".md"), markdown_table(rows, readable) + (
         f"\nMedians of {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up round(s); "
         f"decode: {meta['decode_tokens']} tokens after {meta['cached_tokens']} cached; "
         f"{machine['threads']} threads on {machine['cpu']}; onnxruntime {machine['onnxruntime']}. "

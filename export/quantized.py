@@ -2,8 +2,8 @@
 
 The folder's manifest section `quantization.layers` holds one `LayerQuantSpec` per quantized module
 and its codes file (`quantized.safetensors`) holds `<path>.codes`, `<path>.scales` and, for
-asymmetric weights, `<path>.zero_points`. Embeddings stay a float Gather of the dequantized table
-(the same numbers as the fake-quant model), so only linears get an emitter.
+asymmetric weights, `<path>.zero_points`. Only linears get an emitter; the embedding's codes go to
+`DecoderGraph`, which looks rows up as int8 codes times their scale.
 """
 
 from __future__ import annotations

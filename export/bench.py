@@ -290,14 +290,16 @@ def timing_fields(target: Target, options: BenchOptions) -> dict[str, Any]:
     return row
 
 
-def accuracy_fields(target: Target, reference: Target, windows: Any, progress: bool) -> dict[str, Any]:
-    """Perplexity on the graph itself, and KL / top-1 against the float32 graph (same windows)."""
+def accuracy_fields(target: Target, reference: Target, reference_fn: Any, windows: Any,
+                    progress: bool) -> dict[str, Any]:
+    """Perplexity on the graph itself, and KL / top-1 against the float32 graph's logits callable
+    `reference_fn` (one session, shared by every target) on the same windows."""
     from eval.metrics import evaluate_logits_fn
 
     logits_fn = target.logits_fn()
     if logits_fn is None:
         return {}
-    reference_fn = None if target is reference else reference.logits_fn()
+    reference_fn = None if target is reference else reference_fn
     result = evaluate_logits_fn(logits_fn, windows, reference_fn, progress=progress,
                                 desc=f"perplexity {target.label}").to_dict()
     fields = {"perplexity": result["perplexity"], "eval_tokens": result.get("tokens")}
@@ -372,6 +374,7 @@ def run_bench_with_meta(options: BenchOptions) -> tuple[list[dict[str, Any]], di
     finally:
         workers.close()
     windows = evaluation_windows(options, reference) if options.perplexity else None
+    reference_fn = reference.logits_fn() if windows is not None else None
     rows = []
     for target in targets:
         row: dict[str, Any] = {"model": target.label, "runtime": target.runtime, **target.description,
@@ -381,7 +384,7 @@ def run_bench_with_meta(options: BenchOptions) -> tuple[list[dict[str, Any]], di
                                "baseline_rss_mb": target.info["baseline_rss_mb"],
                                "threads": threads, **options.extra_fields}
         if windows is not None:
-            row.update(accuracy_fields(target, reference, windows, options.progress))
+            row.update(accuracy_fields(target, reference, reference_fn, windows, options.progress))
         rows.append(row)
     add_ratios(rows, targets)
     if any("qdq" in str(row.get("kernels")) for row in rows):

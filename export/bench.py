@@ -296,10 +296,12 @@ def accuracy_fields(target: Target, reference: Target, reference_fn: Any, window
     `reference_fn` (one session, shared by every target) on the same windows."""
     from eval.metrics import evaluate_logits_fn
 
-    logits_fn = target.logits_fn()
+    if target is reference:  # scored by the session already open for every other target's KL
+        logits_fn, reference_fn = reference_fn, None
+    else:
+        logits_fn = target.logits_fn()
     if logits_fn is None:
         return {}
-    reference_fn = None if target is reference else reference_fn
     result = evaluate_logits_fn(logits_fn, windows, reference_fn, progress=progress,
                                 desc=f"perplexity {target.label}").to_dict()
     fields = {"perplexity": result["perplexity"], "eval_tokens": result.get("tokens")}

@@ -180,12 +180,13 @@ def _quantize_heads(model: nn.Module, family: DecoderFamily, scheme: QuantScheme
     embed = model.get_submodule(family.embed_tokens)
     lm_head = model.get_submodule(family.lm_head)
     tied = lm_head.weight is embed.weight
+    head_specs = {family.embed_tokens: head_spec(scheme.lm_head_bits),
+                  family.lm_head: head_spec(scheme.lm_head_bits, quantize_input=True)}
     for path, module in ((family.embed_tokens, embed), (family.lm_head, lm_head)):
         if tied and path == family.lm_head:
             break
-        spec = head_spec(scheme.lm_head_bits, quantize_input=path == family.lm_head)
-        codes[path] = _quantize_rtn(module, spec, scheme, path)
+        codes[path] = _quantize_rtn(module, head_specs[path], scheme, path)
         _set_dequantized(module, codes[path])
-        specs[path] = spec.to_dict()
+        specs[path] = head_specs[path].to_dict()
     if not tied:
-        install_quantized_linear(model, family.lm_head, head_spec(scheme.lm_head_bits, quantize_input=True))
+        install_quantized_linear(model, family.lm_head, head_specs[family.lm_head])

@@ -25,16 +25,12 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# The embedded model through every stage that runs in minutes on a 2-core CPU: rotate, check the
-# rotation, quantize (W4A4, RTN), export to ONNX and generate with ONNX Runtime.
+# The whole pipeline on the embedded model in one `rotaq run` (examples/demo.yaml: rotation, ResLoRA
+# with W4A4 QAT for a short schedule, GPTQ W4A4 and W8A8, ONNX export, bench, report), then a sample
+# generation from the W4A4 graph. Cached per stage: a second `make demo` only rewrites what changed.
 demo: install
-	$(VENV)/bin/rotaq rotate --out $(DEMO)/rotated
-	$(VENV)/bin/rotaq eval --model $(DEMO)/rotated --reference default --max-tokens 4096 --out $(DEMO)/eval_rotated.json
-	$(VENV)/bin/rotaq outliers --model $(DEMO)/rotated --out $(DEMO)/outliers
-	$(VENV)/bin/rotaq quantize --model $(DEMO)/rotated --scheme w4a4 --weights rtn --out $(DEMO)/w4a4
-	$(VENV)/bin/rotaq eval --model $(DEMO)/w4a4 --reference default --max-tokens 4096 --out $(DEMO)/eval_w4a4.json
-	$(VENV)/bin/rotaq export --model $(DEMO)/w4a4 --out $(DEMO)/w4a4-onnx
-	$(VENV)/bin/rotaq generate $(DEMO)/w4a4-onnx --prompt "To be, or not to be" --max-new-tokens 32
+	$(VENV)/bin/rotaq run --config examples/demo.yaml --out $(DEMO)
+	$(VENV)/bin/rotaq generate $(DEMO)/export-w4a4 --prompt "To be, or not to be" --max-new-tokens 24
 
 # Benchmarks (not tests): the numbers quoted in the README, on the embedded model.
 # accuracy: every scheme x {no rotation, rotation} x {RTN, GPTQ}, resumable (rows already measured are kept).

@@ -21,7 +21,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     out = run_finetune(FinetuneOptions(
         model=args.model, out=Path(args.out), adapter=args.adapter, targets=args.targets, rank=args.rank,
-        alpha=args.alpha, dropout=args.dropout, pre_num=args.pre_num, qat=args.qat, training=training, data=args.data,
+        alpha=args.alpha, dropout=args.dropout, pre_num=args.pre_num, qat=args.qat,
+        qat_act_clip_ratio=args.qat_act_clip_ratio, training=training, data=args.data,
         seq_len=args.seq_len, eval_tokens=args.eval_tokens, resume=args.resume,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None))
     if PartialState().is_main_process:
@@ -70,6 +71,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     finetune.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.checkpoints)")
     finetune.add_argument("--qat", default=None, metavar="SCHEME",
                           help="quantization-aware training for a scheme such as w4a4 or w4a16-g128")
+    finetune.add_argument("--qat-act-clip-ratio", type=float, default=None, metavar="R",
+                          help="with --qat: clip per-token activations as `rotaq quantize --act-clip-ratio R` will")
     finetune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint (refused if the settings differ)")

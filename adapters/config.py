@@ -34,6 +34,7 @@ class AdapterConfig:
     dropout: float = 0.0
     pre_num: int = 0
     qat: str | None = None  # a quantizers.schemes name, e.g. 'w4a4'
+    qat_act_clip_ratio: float | None = None  # the deployment's activation clipping, for per-token schemes
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_TYPES:
@@ -52,6 +53,8 @@ class AdapterConfig:
                              "on which an input dropout of the adapter path has no meaning")
         if not self.targets:
             raise RotaqError("no adapter targets given")
+        if self.qat_act_clip_ratio is not None and not 0.0 < self.qat_act_clip_ratio <= 1.0:
+            raise RotaqError(f"--qat-act-clip-ratio must be in (0, 1], got {self.qat_act_clip_ratio}")
 
     @property
     def scaling(self) -> float:
@@ -84,7 +87,8 @@ class AdapterConfig:
     def from_section(cls, section: dict[str, Any]) -> AdapterConfig:
         return cls(kind=section["type"], targets=tuple(section["targets"]), rank=int(section["rank"]),
                    alpha=float(section["alpha"]), dropout=float(section.get("dropout", 0.0)),
-                   pre_num=int(section["pre_num"]), qat=section.get("qat"))
+                   pre_num=int(section["pre_num"]), qat=section.get("qat"),
+                   qat_act_clip_ratio=section.get("qat_act_clip_ratio"))
 
 
 def default_pre_num(kind: str) -> int:

@@ -45,6 +45,7 @@ class FinetuneOptions:
     dropout: float = 0.0
     pre_num: int | None = None  # None: the type's default
     qat: str | None = None
+    qat_act_clip_ratio: float | None = None  # as the quantize stage's --act-clip-ratio
     training: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None
     seq_len: int = 256
@@ -89,7 +90,7 @@ def adapter_config(options: FinetuneOptions, loaded: LoadedModel) -> AdapterConf
     pre_num = options.pre_num if options.pre_num is not None else default_pre_num(options.adapter)
     return AdapterConfig(kind=options.adapter, targets=resolve_targets(options.targets, loaded.family),
                          rank=options.rank, alpha=options.alpha, dropout=options.dropout, pre_num=pre_num,
-                         qat=options.qat)
+                         qat=options.qat, qat_act_clip_ratio=options.qat_act_clip_ratio)
 
 
 def _refuse_unreplaceable_out(out: Path) -> None:

@@ -6,6 +6,8 @@ per-token activation grid); the backward treats rounding as the identity, so A a
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor
 
 from quantizers.activations import fake_quantize_activations
@@ -16,8 +18,13 @@ from quantizers.schemes import QuantScheme, parse_scheme, validate_group
 class FakeQuantizers:
     """The weight and activation fake quantizers of one scheme, e.g. 'w4a4'."""
 
-    def __init__(self, scheme_name: str) -> None:
-        self.scheme: QuantScheme = parse_scheme(scheme_name)
+    def __init__(self, scheme_name: str, act_clip_ratio: float | None = None) -> None:
+        """`act_clip_ratio`: the quantize stage's `--act-clip-ratio`, so training clips as deployment will
+        (it applies to per-token activations only, as there; per-block A8 stays unclipped)."""
+        scheme = parse_scheme(scheme_name)
+        if act_clip_ratio is not None and scheme.act_block_size is None and scheme.quantizes_activations:
+            scheme = dataclasses.replace(scheme, act_clip_ratio=act_clip_ratio)
+        self.scheme: QuantScheme = scheme
 
     @property
     def name(self) -> str:

@@ -62,7 +62,7 @@ def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterCon
         raise RotaqError("this model already has adapters; merge them first (rotaq merge)")
     layers = decoder_layers(model, family)
     _check_targets(layers, config)
-    fake_quantizers = FakeQuantizers(config.qat) if config.qat else None
+    fake_quantizers = FakeQuantizers(config.qat, config.qat_act_clip_ratio) if config.qat else None
     generator = torch.Generator().manual_seed(seed)
     chains = {projection: ProjectionChain(projection, config) for projection in config.targets}
     for index, layer in enumerate(layers):

@@ -109,6 +109,35 @@ def _pin(threads: int) -> None:
         os.sched_setaffinity(0, cores)
 
 
+MIN_SAMPLE_SECONDS = 0.05
+"""A timing sample shorter than this is repeated and averaged: one sub-millisecond call (a tiny model) is
+mostly timer and scheduler noise. A real model's prefill or decode run is one call, as before."""
+
+
+def _timed(call: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def _timed_decode(target: Timed, rng: np.random.Generator, cached: int, steps: int) -> float:
+    """Seconds for `steps` decode steps after a prefill of `cached` tokens (the prefill is not timed)."""
+    state = target.prefill(rng.integers(0, target.vocab_size, (1, cached), dtype=np.int64), steps)
+    tokens = rng.integers(0, target.vocab_size, steps).tolist()
+    start = time.perf_counter()
+    for token in tokens:
+        state = target.decode(state, token)
+    return time.perf_counter() - start
+
+
+def _sample_seconds(measure: Any) -> float:
+    """One timing sample: `measure()` once, or averaged over repeats until MIN_SAMPLE_SECONDS are timed."""
+    total, calls = measure(), 1
+    while total < MIN_SAMPLE_SECONDS:
+        total, calls = total + measure(), calls + 1
+    return total / calls
+
+
 def serve(conn: Connection, spec: TargetSpec) -> None:
     """Worker loop: ("prefill", L) → seconds; ("decode", cached, n) → seconds for n steps; ("rss",)."""
     try:
@@ -126,18 +155,11 @@ def serve(conn: Connection, spec: TargetSpec) -> None:
                 continue
             if request[0] == "prefill":
                 ids = rng.integers(0, target.vocab_size, (1, request[1]), dtype=np.int64)
-                start = time.perf_counter()
-                target.prefill(ids)
-                conn.send(("ok", time.perf_counter() - start))
+                conn.send(("ok", _sample_seconds(lambda: _timed(target.prefill, ids))))
                 continue
             if request[0] == "decode":
                 _, cached, steps = request
-                state = target.prefill(rng.integers(0, target.vocab_size, (1, cached), dtype=np.int64), steps)
-                tokens = rng.integers(0, target.vocab_size, steps).tolist()
-                start = time.perf_counter()
-                for token in tokens:
-                    state = target.decode(state, token)
-                conn.send(("ok", time.perf_counter() - start))
+                conn.send(("ok", _sample_seconds(lambda: _timed_decode(target, rng, cached, steps))))
                 continue
             conn.send(("error", f"unknown request {request!r}"))
     except Exception as exc:  # reported to the coordinator, which raises it with the model's name

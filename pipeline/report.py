@@ -21,7 +21,7 @@ from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, ren
 from pipeline.report_charts import plot_bench
 from pipeline.report_html import render_html
 from pipeline.run_results import RESULTS_FILE
-from pipeline.stage_cache import RUN_RECORD, read_marker
+from pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
 
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
@@ -71,13 +71,29 @@ def write_report(run_folder: Path) -> Path:
     blocks: list[Block] = [
         Paragraph(f"Model {config['model']}, text {config['data']}, windows of {config['seq_len']} tokens; "
                   f"rotaq {run.record['rotaq_version']}."),
-        *_accuracy_section(run), *_outlier_section(run), *_adapter_section(run), *_bench_section(run),
+        *_summary_section(run), *_accuracy_section(run), *_outlier_section(run), *_adapter_section(run), *_bench_section(run),
         *_stage_section(run), *_configuration_section(run), *_software_section(run),
     ]
     title = f"rotaq run report: {config['model']}"
     atomic_write(run.folder / REPORT_MARKDOWN, render_markdown(title, blocks))
     atomic_write(run.folder / REPORT_HTML, render_html(title, blocks, run.folder))
     return run.folder / REPORT_HTML
+
+
+def _summary_section(run: RunFiles) -> list[Block]:
+    """Each deployable model (the last float model and every quantized one) with its accuracy beside its
+    speed and size, as `rotaq run` prints it and a sweep tabulates it."""
+    from pipeline.sweep_table import SUMMARY_COLUMNS, SUMMARY_FORMATS, variant_rows  # it reads RunFiles from here
+
+    rows = variant_rows(run.folder, run.folder.name, {})
+    columns = [column for column in SUMMARY_COLUMNS if any(row.get(column) is not None for row in rows)]
+    if not rows:
+        return []
+    return [Heading("Summary"),
+            Paragraph("Perplexity on held-out text (ppl_vs_source: against the float source model; KL and top-1 "
+                      "against it too); decode and prefill speed-ups against the float32 ONNX graph timed in the "
+                      "same bench run; size of the exported files. Details in the sections below."),
+            Table(rows, columns, SUMMARY_FORMATS)]
 
 
 def _accuracy_section(run: RunFiles) -> list[Block]:
@@ -196,7 +212,7 @@ def _stage_section(run: RunFiles) -> list[Block]:
     for entry in run.stages():
         if entry["stage"] == "report":
             continue
-        marker = read_marker(run.folder, entry["name"]) or {}
+        marker = read_marker(run.folder / entry.get("marker", f"{MARKERS_FOLDER}/{entry['name']}.json")) or {}
         finished = marker.get("key") == entry["key"]
         rows.append({"stage": entry["name"], "status": "done" if finished else "not finished",
                      "seconds": marker.get("seconds") if finished else None,

@@ -9,6 +9,7 @@ or a crash leaves every finished stage reusable, and the next run starts at the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_ve
 from pipeline.stage_registry import StageCall
 
 RUN_FORMAT = "rotaq-run/1"
-SCRATCH_FOLDER = "scratch"
 
 ProgressLine = Callable[[str], None]
 
@@ -47,15 +47,15 @@ class RunOutcome:
 
 
 def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressLine | None = None,
-                 show_stage_progress: bool = True) -> RunOutcome:
+                 show_stage_progress: bool = True, store: Path | None = None) -> RunOutcome:
     """Run (or reuse) every planned stage in order into `out` (default: the config's `out`).
 
     `progress` receives one line per stage as it starts and ends; the stages draw their own progress bars
-    when `show_stage_progress` is set.
+    when `show_stage_progress` is set. With a `store` (a sweep's), stages are shared through it.
     """
     say = progress or (lambda line: None)
     run_folder = _prepare_run_folder(Path(out if out is not None else config.out))
-    plan = plan_run(config, run_folder)
+    plan = plan_run(config, run_folder, store.expanduser().resolve() if store is not None else None)
     outcomes = {skipped.name: StageOutcome("skipped", reason=skipped.reason) for skipped in plan.skipped}
     for name, outcome in outcomes.items():
         say(f"{name}: {outcome.describe()}")
@@ -89,22 +89,21 @@ def _prepare_run_folder(folder: Path) -> Path:
 
 
 def _is_cached(stage: PlannedStage, run_folder: Path) -> bool:
-    marker = read_marker(run_folder, stage.name)
+    marker = read_marker(stage.marker)
     return marker is not None and marker.get("key") == stage.key and stage.definition.is_complete(stage.output)
 
 
 def _run_stage(stage: PlannedStage, plan: RunPlan, run_folder: Path, show_progress: bool) -> StageOutcome:
-    clear_marker(run_folder, stage.name)
+    clear_marker(stage.marker)
     call = StageCall(options=stage.options,
                      inputs={role: plan.input_reference(upstream) for role, upstream in stage.inputs.items()},
-                     output=stage.output, run_folder=run_folder,
-                     scratch=run_folder / SCRATCH_FOLDER / f"{stage.name}-{stage.key[:12]}",
+                     output=stage.output, run_folder=run_folder, scratch=stage.scratch,
                      show_progress=show_progress)
     started = time.perf_counter()
     stage.definition.run(call)
     seconds = time.perf_counter() - started
-    write_marker(run_folder, stage.name, stage.key_material, stage.key,
-                 str(stage.output.relative_to(run_folder)), seconds)
+    write_marker(stage.marker, stage.name, stage.key_material, stage.key,
+                 os.path.relpath(stage.output, stage.marker.parent), seconds)
     return StageOutcome("done", seconds)
 
 

@@ -1,4 +1,5 @@
-"""`rotaq init` and `rotaq run`: write the commented default configuration, and run the whole pipeline."""
+"""`rotaq init`, `rotaq run` and `rotaq sweep`: write the commented default configuration, run the whole
+pipeline, and run many configurations of it side by side."""
 
 from __future__ import annotations
 
@@ -32,7 +33,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_run_config(Path(config_path) if config_path else None, args.set)
     outcome = run_pipeline(config, Path(args.out) if args.out else None,
                            progress=lambda line: print(line, flush=True))
+    print(summary_table(outcome.folder))
     print(f"report: {outcome.folder / REPORT_MARKDOWN} and {outcome.folder / REPORT_HTML}")
+    return 0
+
+
+def summary_table(run_folder: Path) -> str:
+    """The run's main numbers for the terminal: each deployable model's accuracy, speed-up and size."""
+    from eval.tables import markdown_table
+    from pipeline.sweep_table import SUMMARY_COLUMNS, SUMMARY_FORMATS, variant_rows
+
+    rows = variant_rows(run_folder, run_folder.name, {})
+    columns = [column for column in SUMMARY_COLUMNS if any(row.get(column) is not None for row in rows)]
+    return markdown_table(rows, columns, SUMMARY_FORMATS) if rows else "no evaluated model in this run"
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config_loading import parse_override
+    from pipeline.sweep import plan_sweep, run_sweep
+    from pipeline.sweep_spec import load_sweep
+
+    spec = load_sweep(Path(args.sweep), Path(args.config) if args.config else None,
+                      [parse_override(text) for text in args.set])
+    if args.dry_run:
+        print(plan_sweep(spec, Path(args.out)).describe())
+        return 0
+    outcome = run_sweep(spec, Path(args.out), progress=lambda line: print(line, flush=True))
+    print("comparison: " + ", ".join(str(path) for path in outcome.outputs.values()))
+    if outcome.failed:
+        print(f"{len(outcome.failed)} variant(s) failed: {', '.join(outcome.failed)} (see sweep.md)")
+        return 1
     return 0
 
 
@@ -56,3 +86,27 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="override one key, value read as YAML, e.g. --set quantize.weights=rtn "
                           "--set 'quantize.schemes=[w4a4, w8a8]' (repeatable)")
     run.set_defaults(handler=_cmd_run)
+
+    sweep = commands.add_parser(
+        "sweep", help="run several configurations (a grid of option values) sharing their common stages, "
+                      "and compare them: sweep.csv/json/md and a Pareto plot",
+        description="Run every variant of a sweep file as a `rotaq run` into OUT/variants/<name>, sharing each "
+                    "stage that variants have in common through OUT/store, then write sweep.csv, sweep.json, "
+                    "sweep.md and pareto.png (perplexity against decode speed-up and against size). An "
+                    "interrupted sweep resumes where it stopped when run again with the same --out.",
+        epilog="sweep file:\n  config: base.yaml        # optional base configuration (relative to the sweep file)\n"
+               "  set: {finetune.steps: 20}  # optional overrides for every variant\n"
+               "  grid:                    # every combination is one variant\n"
+               "    quantize.schemes: [w4a4, w8a8]\n    quantize.weights: [rtn, gptq]\n"
+               "  variants:                # optional list of override sets, crossed with the grid\n"
+               "    - {finetune.enabled: false}\n    - {finetune.adapter: reslora-bs}\n"
+               "keys: those of `rotaq run --help`",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("sweep", help="sweep file (YAML)")
+    sweep.add_argument("--config", default=None, help="base configuration (replaces the sweep file's config:)")
+    sweep.add_argument("--out", default="runs/sweep", help="sweep folder (default runs/sweep)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override one key in every variant (repeatable)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the variants and how many stage runs they share, without running anything")
+    sweep.set_defaults(handler=_cmd_sweep)

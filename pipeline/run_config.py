@@ -147,8 +147,10 @@ class QuantizeConfig:
                                        check=_schemes_problem)
     weights: str = setting("gptq", "weight quantizer: rtn or gptq", choices=_weight_methods)
     group: int | None = setting(None, "weight group size along the input (null: the scheme's)", minimum=1)
-    act_clip_ratio: float | None = setting(None, "clip per-token activation ranges to this fraction of max|x| "
-                                                 "(null: the scheme's)", check=_clip_ratio_problem)
+    act_clip_ratio: float | None = setting(None, "clip per-token activation ranges to this fraction of max|x|, in "
+                                                 "the schemes with per-token activations (w4a4; the A8 schemes keep "
+                                                 "ONNX Runtime's per-block int8); null: no clipping",
+                                           check=_clip_ratio_problem)
     act_order: bool = setting(True, "GPTQ: visit columns in order of decreasing Hessian diagonal")
     calibration_tokens: int = setting(16384, "GPTQ calibration tokens", minimum=2)
 
@@ -170,6 +172,8 @@ class BenchConfig:
     prompt_lengths: tuple[int, ...] = setting((128, 512), "prompt lengths whose prefill time is measured", minimum=1)
     decode_tokens: int = setting(64, "tokens generated to measure decode speed", minimum=1)
     threads: int | None = setting(None, "ONNX Runtime intra-op threads (null: all cores)", minimum=1)
+    repeats: int = setting(5, "interleaved timing rounds per model (medians are reported)", minimum=1)
+    eager: bool = setting(True, "also time PyTorch eager float32 (in the float branch's bench)")
 
 
 @dataclass(frozen=True)

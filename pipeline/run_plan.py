@@ -5,20 +5,29 @@ float model into quantize → export → bench (plus a float export/bench branch
 one evaluation per model, results.json and the report follow. A stage that is disabled is left out; one
 that is not available in this codebase is listed as skipped, and so is everything that needs its output,
 while the float lineage continues from the last stage that does run.
+
+A sweep (`pipeline.sweep`) plans each of its variants with a shared `store`: every stage but the
+per-run results and report then writes to `store/<name>-<key>` with its marker beside it, so two
+variants that agree on a stage's options and inputs compute the same key and share one output.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.run_config import RunConfig
-from pipeline.stage_cache import key_material, stage_key
+from pipeline.stage_cache import key_material, marker_path, stage_key
 from pipeline.stage_registry import STAGES, StageDefinition
 
 SOURCE = "source"
 """The input name of the model the run starts from (not a stage: it is read where it is)."""
+PER_RUN_STAGES = ("results", "report")
+"""Stages that describe one run as a whole: never shared through a sweep's store."""
+SCRATCH_FOLDER = "scratch"
+STORE_KEY_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -30,12 +39,17 @@ class PlannedStage:
     key_material: dict[str, Any]
     key: str
     output: Path
+    marker: Path  # written when the output is complete, holding the key
+    scratch: Path  # resumable state (checkpoints), named by the key so other options never resume it
 
     def record(self, run_folder: Path) -> dict[str, Any]:
-        """This stage as run.json lists it (paths relative to the run folder)."""
+        """This stage as run.json lists it (paths relative to the run folder; shared ones start with ..)."""
+        def relative(path: Path) -> str:
+            return os.path.relpath(path, run_folder)
+
         return {"name": self.name, "stage": self.definition.name, "inputs": self.inputs, "key": self.key,
-                "output": str(self.output.relative_to(run_folder)),
-                "done_file": str(self.definition.done_path(self.output).relative_to(run_folder))}
+                "output": relative(self.output), "done_file": relative(self.definition.done_path(self.output)),
+                "marker": relative(self.marker)}
 
 
 @dataclass(frozen=True)
@@ -59,8 +73,8 @@ class RunPlan:
         return self.source if upstream == SOURCE else str(self.stage(upstream).output)
 
 
-def plan_run(config: RunConfig, run_folder: Path) -> RunPlan:
-    plan = _PlanBuilder(config, run_folder)
+def plan_run(config: RunConfig, run_folder: Path, store: Path | None = None) -> RunPlan:
+    plan = _PlanBuilder(config, run_folder, store)
     float_models = [SOURCE]  # the float lineage; each one is evaluated
     rotated = plan.add("rotate", "rotate", {"model": SOURCE}) if config.rotate.enabled else None
     if plan.will_run(rotated):
@@ -100,9 +114,10 @@ def plan_run(config: RunConfig, run_folder: Path) -> RunPlan:
 class _PlanBuilder:
     """Adds stage instances in run order, computing each key from the keys of the stages it reads."""
 
-    def __init__(self, config: RunConfig, run_folder: Path) -> None:
+    def __init__(self, config: RunConfig, run_folder: Path, store: Path | None) -> None:
         self.config = config
         self.run_folder = run_folder
+        self.store = store
         self.stages: list[PlannedStage] = []
         self.skipped: list[SkippedStage] = []
         self._keys = {SOURCE: f"source:{config.model}"}
@@ -120,9 +135,19 @@ class _PlanBuilder:
         material = key_material(stage, options, {role: self._keys[upstream] for role, upstream in inputs.items()})
         key = stage_key(material)
         self._keys[name] = key
-        self.stages.append(PlannedStage(name, definition, inputs, options, material, key,
-                                        self.run_folder / definition.output_name(name)))
+        self.stages.append(PlannedStage(name, definition, inputs, options, material, key, *self._locations(
+            definition, name, key)))
         return name
+
+    def _locations(self, definition: StageDefinition, name: str, key: str) -> tuple[Path, Path, Path]:
+        """Output, marker and scratch paths: in the run folder, or keyed in the shared store."""
+        if self.store is None or definition.name in PER_RUN_STAGES:
+            return (self.run_folder / definition.output_name(name), marker_path(self.run_folder, name),
+                    self.run_folder / SCRATCH_FOLDER / f"{name}-{key[:12]}")
+        stem = f"{name}-{key[:STORE_KEY_CHARS]}"
+        suffix = Path(definition.output_name(name)).suffix if definition.done_file is None else ""
+        return (self.store / f"{stem}{suffix}", self.store / f"{stem}.done.json",
+                self.store / SCRATCH_FOLDER / stem)
 
     def will_run(self, name: str | None) -> bool:
         """False for an instance that was skipped, or never added (None)."""

@@ -2,8 +2,9 @@
 
 A stage's key is the SHA-256 of (stage name, its options, the keys of the stages it reads, rotaq version);
 the source model counts by its reference. After a stage finishes, its key is written to
-`stages/<name>.json` in the run folder; the marker is removed before the stage runs again, so a marker
-always describes the output beside it, even after an interrupted rerun.
+`stages/<name>.json` in the run folder (or beside the output in a sweep's shared store); the marker is
+removed before the stage runs again, so a marker always describes the output it names, even after an
+interrupted rerun.
 """
 
 from __future__ import annotations
@@ -40,23 +41,24 @@ def stage_key(material: Mapping[str, Any]) -> str:
 
 
 def marker_path(run_folder: Path, name: str) -> Path:
+    """Where a run keeps the marker of its stage `name` (a sweep's shared stages keep theirs in its store)."""
     return run_folder / MARKERS_FOLDER / f"{name}.json"
 
 
-def read_marker(run_folder: Path, name: str) -> dict[str, Any] | None:
-    """The marker of a finished stage, or None if there is none (or it is unreadable: treated as unfinished)."""
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The marker at `path`, or None if there is none (or it is unreadable: treated as unfinished)."""
     try:
-        return json.loads(marker_path(run_folder, name).read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def clear_marker(run_folder: Path, name: str) -> None:
-    marker_path(run_folder, name).unlink(missing_ok=True)
+def clear_marker(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
-def write_marker(run_folder: Path, name: str, material: Mapping[str, Any], key: str, output: str,
+def write_marker(path: Path, name: str, material: Mapping[str, Any], key: str, output: str,
                  seconds: float) -> None:
-    write_json_atomic(marker_path(run_folder, name), {
+    write_json_atomic(path, {
         "name": name, "key": key, "key_material": dict(material), "output": output,
         "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -23,6 +23,7 @@ from pipeline.data import DataSpec
 from pipeline.run_config import RunConfig
 from pipeline.report import REPORT_HTML
 from pipeline.run_results import RESULTS_FILE, model_labels
+from quantizers.schemes import parse_scheme
 
 BENCH_FILE = "bench.json"
 """The bench stage's result: a JSON list of rows (model, scheme, prefill_ms_128, prefill_ms_512,
@@ -93,7 +94,10 @@ def _rotate(api: ModuleType, call: StageCall) -> None:
 
 
 def _finetune_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
-    return {**_section_options(config.finetune), "data": config.data, "seq_len": config.seq_len}
+    # QAT clips activations as the quantize stage will, so what is trained is what is deployed.
+    clip = config.quantize.act_clip_ratio if config.finetune.qat else None
+    return {**_section_options(config.finetune), "qat_act_clip_ratio": clip, "data": config.data,
+            "seq_len": config.seq_len}
 
 
 def _finetune(api: ModuleType, call: StageCall) -> None:
@@ -105,7 +109,7 @@ def _finetune(api: ModuleType, call: StageCall) -> None:
     api.run_finetune(api.FinetuneOptions(
         model=call.inputs["model"], out=call.output, adapter=options["adapter"], targets=options["targets"],
         rank=options["rank"], alpha=options["alpha"], dropout=options["dropout"], pre_num=options["pre_num"],
-        qat=options["qat"], training=training, data=options["data"], seq_len=options["seq_len"],
+        qat=options["qat"], qat_act_clip_ratio=options["qat_act_clip_ratio"], training=training, data=options["data"], seq_len=options["seq_len"],
         eval_tokens=options["eval_tokens"], resume=True, checkpoint_dir=call.scratch,
         progress=call.show_progress))
 
@@ -126,8 +130,9 @@ def _quantize_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
     quantize = config.quantize
     gptq = {"act_order": quantize.act_order, "calibration_tokens": quantize.calibration_tokens,
             "data": config.data, "seq_len": config.seq_len}
+    per_token = parse_scheme(branch).act_block_size is None  # clipping would turn per-block A8 into per-token
     return {"scheme": branch, "weights": quantize.weights, "group": quantize.group,
-            "act_clip_ratio": quantize.act_clip_ratio,
+            "act_clip_ratio": quantize.act_clip_ratio if per_token else None,
             # RTN reads no data: calibration settings must not invalidate it
             "gptq": gptq if quantize.weights == "gptq" else None}
 
@@ -154,8 +159,9 @@ def _export(api: ModuleType, call: StageCall) -> None:
 
 def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
     # The graphs' perplexity is measured on the run's own held-out text.
-    return {**_section_options(config.bench), "data": config.data, "seq_len": config.seq_len,
-            "eval_tokens": config.eval.max_tokens}
+    # PyTorch eager is timed once per run, beside the float export, not again in every quantized branch.
+    return {**_section_options(config.bench), "eager": config.bench.eager and branch == "float",
+            "data": config.data, "seq_len": config.seq_len, "eval_tokens": config.eval.max_tokens}
 
 
 def _bench(api: ModuleType, call: StageCall) -> None:
@@ -165,6 +171,7 @@ def _bench(api: ModuleType, call: StageCall) -> None:
                                    reference=call.inputs.get("reference"),
                                    prompt_lengths=tuple(options["prompt_lengths"]),
                                    decode_tokens=options["decode_tokens"], threads=options["threads"],
+                                   repeats=options["repeats"], eager=options["eager"],
                                    evaluation=evaluation, progress=False))
 
 

@@ -177,3 +177,17 @@ def test_bad_qat_scheme_and_second_install_are_refused() -> None:
     install_adapters(model, family, AdapterConfig("lora", family.decoder_linears, rank=4))
     with pytest.raises(RotaqError, match="already has adapters"):
         install_adapters(model, family, AdapterConfig("lora", family.decoder_linears, rank=4))
+
+
+def test_qat_clips_activations_as_the_deployment_will() -> None:
+    from adapters.qat import FakeQuantizers
+    from quantizers.activations import fake_quantize_activations
+
+    inputs = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    inputs[0, 3] = 40.0  # an outlier that clipping cuts
+    clipped = FakeQuantizers("w4a4", act_clip_ratio=0.9)
+    assert clipped.scheme.act_clip_ratio == 0.9
+    assert torch.equal(clipped.activations(inputs), fake_quantize_activations(inputs, 4, True, 0.9, None))
+    assert not torch.equal(clipped.activations(inputs), FakeQuantizers("w4a4").activations(inputs))
+    # per-block A8 follows ONNX Runtime's unclipped kernel, so the clip does not apply there
+    assert FakeQuantizers("w4a8", act_clip_ratio=0.9).scheme == FakeQuantizers("w4a8").scheme

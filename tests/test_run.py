@@ -112,11 +112,23 @@ def test_rerun_with_the_same_config_runs_no_stage(run_copy: Path, tiny_hf_folder
 def test_changed_quantize_option_reruns_quantize_and_what_reads_it(run_copy: Path, tiny_hf_folder: Path,
                                                                    tiny_text_file: Path) -> None:
     rotate_mtime = output_mtimes(run_copy)["rotate"]
-    config = tiny_config(tiny_hf_folder, tiny_text_file, quantize__act_clip_ratio=0.9)
+    config = tiny_config(tiny_hf_folder, tiny_text_file, quantize__group=16)
     outcome = run_pipeline(config, run_copy, show_stage_progress=False)
     reran = {name for name, stage in outcome.stages.items() if stage.status == "done"}
     assert reran == {"quantize-w4a8", "evaluate-quantize-w4a8", "results", "report"}
     assert output_mtimes(run_copy)["rotate"] == rotate_mtime
+
+
+def test_activation_clipping_leaves_per_block_a8_schemes_alone(run_copy: Path, tiny_hf_folder: Path,
+                                                               tiny_text_file: Path) -> None:
+    """W4A8 quantizes activations per block, as ONNX Runtime's kernel does: a clip would make it per token
+    (and slow), so quantize.act_clip_ratio does not reach it and nothing but the report reruns."""
+    config = tiny_config(tiny_hf_folder, tiny_text_file, quantize__act_clip_ratio=0.9)
+    outcome = run_pipeline(config, run_copy, show_stage_progress=False)
+    assert {name for name, stage in outcome.stages.items() if stage.status == "done"} == {"report"}
+    assert plan_run(tiny_config(tiny_hf_folder, tiny_text_file, quantize__act_clip_ratio=0.9,
+                                quantize__schemes=["w4a4"]), run_copy).stage("quantize-w4a4").options[
+        "act_clip_ratio"] == 0.9
 
 
 def test_interrupted_run_resumes_at_quantize(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
@@ -167,6 +179,8 @@ class FakeBenchOptions:
     prompt_lengths: tuple[int, ...]
     decode_tokens: int
     threads: int | None
+    repeats: int = 5
+    eager: bool = True
     evaluation: Any = None
     progress: bool = True
 

@@ -1,0 +1,191 @@
+"""The sweep's comparison: one row per (variant, branch) from the variants' own JSON files, the Pareto
+fronts of accuracy against decode speed and against size, sweep.csv/json/md and pareto.png.
+
+Nothing is measured here. Accuracy comes from each run's results.json; latency and size from its bench
+stages' bench.json (the speed-up is against the float32 graph timed in the same bench run, the number
+that stays comparable across variants benchmarked minutes apart); training time from stage markers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from eval.tables import markdown_table, write_table
+from pipeline.atomic import atomic_write, write_json_atomic
+from pipeline.config_template import yaml_value
+from pipeline.report import RunFiles
+from pipeline.run_results import RESULTS_FILE
+from pipeline.stage_cache import read_marker
+
+SWEEP_FORMAT = "rotaq-sweep/1"
+SWEEP_STEM = "sweep"
+PARETO_PNG = "pareto.png"
+FLOAT_BRANCH = "float"
+ACCURACY = "perplexity"
+# (name of the front, column, True when larger is better)
+FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
+_METRIC_COLUMNS = ["perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement", "decode_tokens_per_s",
+                   "decode_speedup", "prefill_ms", "prefill_speedup", "file_mb", "size_ratio", "peak_rss_mb",
+                   "finetune_s", "pareto"]
+SUMMARY_COLUMNS = ["branch", "model", "perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement",
+                   "decode_tokens_per_s", "decode_speedup", "prefill_speedup", "file_mb", "size_ratio"]
+SUMMARY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".3f", "ppl_vs_source": ".3f", "decode_speedup": ".2f",
+            "prefill_speedup": ".2f", "size_ratio": ".3f", "file_mb": ".1f", "finetune_s": ".0f"}
+
+
+def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The final float model and each quantized model of one variant's run, with its bench numbers."""
+    if not (run_folder / "run.json").is_file():
+        return []
+    run = RunFiles.load(run_folder)
+    results = run.json(RESULTS_FILE)
+    if not results:
+        return []
+    evaluated = results["rows"]
+    source = next((row for row in evaluated if row["model"] == "source"), None)
+    float_rows = [row for row in evaluated if row.get("stage") != "quantize"]
+    chosen = [(FLOAT_BRANCH, float_rows[-1])] if float_rows else []
+    chosen += [(row["scheme"] or row["model"], row) for row in evaluated if row.get("stage") == "quantize"]
+    finetune_seconds = _stage_seconds(run, "finetune")
+    rows = []
+    for branch, evaluation in chosen:
+        row: dict[str, Any] = {"variant": variant, **{key: yaml_value(value) for key, value in values.items()},
+                               "branch": branch, "model": evaluation["model"]}
+        row.update({key: evaluation.get(key) for key in ("perplexity", "kl_divergence", "top1_agreement")})
+        if source and source.get("perplexity") and evaluation.get("perplexity") is not None:
+            row["ppl_vs_source"] = evaluation["perplexity"] / source["perplexity"]
+        row.update(_bench_numbers(run, branch))
+        row["finetune_s"] = finetune_seconds
+        rows.append(row)
+    return rows
+
+
+def _stage_seconds(run: RunFiles, stage: str) -> float | None:
+    entry = next(iter(run.stages(stage)), None)
+    marker = read_marker(run.folder / entry["marker"]) if entry and "marker" in entry else None
+    return marker.get("seconds") if marker and marker.get("key") == entry["key"] else None
+
+
+def _bench_numbers(run: RunFiles, branch: str) -> dict[str, Any]:
+    """Decode, prefill, size and memory of the branch's exported graph, from its bench stage."""
+    bench, export = run.stage_named(f"bench-{branch}"), run.stage_named(f"export-{branch}")
+    if bench is None or export is None:
+        return {}
+    bench_rows = run.json(bench["done_file"]) or []
+    row = next((item for item in bench_rows if item.get("model") == Path(export["output"]).name), None)
+    if row is None:
+        return {}
+    prompt = min((int(key.rsplit("_", 1)[1]) for key in row if key.startswith("prefill_ms_")
+                  and key.rsplit("_", 1)[1].isdigit()), default=None)
+    numbers = {"decode_tokens_per_s": row.get("decode_tokens_per_s"), "file_mb": row.get("file_mb"),
+               "peak_rss_mb": row.get("peak_rss_mb"),
+               # The float branch is the bench's own reference: its ratios are 1 by definition.
+               "decode_speedup": row.get("decode_speedup", 1.0 if branch == FLOAT_BRANCH else None),
+               "size_ratio": row.get("size_ratio", 1.0 if branch == FLOAT_BRANCH else None)}
+    if prompt is not None:
+        numbers["prefill_ms"] = row.get(f"prefill_ms_{prompt}")
+        numbers["prefill_speedup"] = row.get(f"prefill_speedup_{prompt}",
+                                             1.0 if branch == FLOAT_BRANCH else None)
+        numbers["prefill_tokens"] = prompt
+    return numbers
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set `pareto` to the fronts (latency, size) each row is on: no other row is at least as good on both
+    axes and better on one."""
+    for row in rows:
+        row["pareto"] = "+".join(name for name, column, larger in FRONTS if _on_front(row, rows, column, larger)) or None
+
+
+def _on_front(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], column: str, larger: bool) -> bool:
+    if row.get(ACCURACY) is None or row.get(column) is None:
+        return False
+
+    def cost(item: Mapping[str, Any]) -> tuple[float, float]:
+        return item[ACCURACY], -item[column] if larger else item[column]
+
+    mine = cost(row)
+    for other in rows:
+        if other is row or other.get(ACCURACY) is None or other.get(column) is None:
+            continue
+        theirs = cost(other)
+        if theirs[0] <= mine[0] and theirs[1] <= mine[1] and theirs != mine:
+            return False
+    return True
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """Perplexity against decode speed-up and against file size, the front joined and its points labelled.
+    None (nothing drawn) when no row has bench numbers."""
+    panels = [(name, column, larger) for name, column, larger in FRONTS
+              if any(row.get(column) is not None and row.get(ACCURACY) is not None for row in rows)]
+    if not panels:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5 * len(panels), 5.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False).ravel()
+    labels = {"decode_speedup": "decode speed-up vs float32 ONNX (higher is better)",
+              "file_mb": "model files, MB (lower is better)"}
+    for ax, (name, column, larger) in zip(axes, panels, strict=True):
+        points = [row for row in rows if row.get(column) is not None and row.get(ACCURACY) is not None]
+        front = sorted((row for row in points if name in (row.get("pareto") or "").split("+")),
+                       key=lambda row: row[column])
+        ax.scatter([row[column] for row in points], [row[ACCURACY] for row in points], color="tab:gray",
+                   label="variant × branch")
+        ax.plot([row[column] for row in front], [row[ACCURACY] for row in front], color="tab:red", marker="o",
+                label="Pareto front")
+        for row in front:
+            ax.annotate(_point_label(row), (row[column], row[ACCURACY]), xytext=(4, 4), textcoords="offset points",
+                        fontsize="x-small")
+        ax.set_xlabel(labels[column])
+        ax.set_ylabel("held-out perplexity (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def _point_label(row: Mapping[str, Any]) -> str:
+    return f"{row['branch']} | {row['variant']}"
+
+
+def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[str],
+                        variants: Sequence[Mapping[str, Any]], title: str) -> dict[str, Path]:
+    """sweep.csv, sweep.json (rows plus the variants and their status), sweep.md and pareto.png."""
+    mark_pareto(rows)
+    columns = ["variant", *swept, "branch", "model", *_METRIC_COLUMNS]
+    if any("prefill_tokens" in row for row in rows):
+        columns.insert(columns.index("prefill_ms"), "prefill_tokens")
+    columns = [column for column in columns if any(row.get(column) is not None for row in rows)] or ["variant"]
+    paths = write_table(rows, out / SWEEP_STEM, columns, SUMMARY_FORMATS)
+    write_json_atomic(paths["json"], {"format": SWEEP_FORMAT, "swept": list(swept), "variants": list(variants),
+                                      "columns": columns, "rows": json.loads(paths["json"].read_text())})
+    plot = plot_pareto(rows, out / PARETO_PNG)
+    lines = [f"# {title}", "",
+             f"{len(variants)} variant(s) over {', '.join(swept) or 'nothing'}; one row per variant and branch "
+             "(`float` is the variant's last float model). Perplexity, KL and top-1 come from each run's "
+             "results.json (KL and top-1 against the float source model); decode and prefill speed-ups are "
+             "against the float32 ONNX graph timed in the same bench run. `pareto` names the fronts a row "
+             "is on (lower perplexity with higher decode speed-up, or with smaller files).", "",
+             markdown_table(rows, columns, SUMMARY_FORMATS)]
+    lines += [f"![Pareto fronts]({PARETO_PNG})", ""] if plot else ["No row has bench numbers, so no Pareto plot "
+                                                                   "(enable export and bench to draw one).", ""]
+    failed = [variant for variant in variants if variant.get("status") == "failed"]
+    if failed:
+        lines += ["## Failed variants", ""] + [f"- {item['name']}: {item.get('error')}" for item in failed] + [""]
+    lines += ["## Variants", ""] + [f"- [{item['name']}](variants/{item['name']}/report.md): {item.get('status')}"
+                                    for item in variants] + [""]
+    atomic_write(paths["md"], "\n".join(lines))
+    if plot:
+        paths["png"] = plot
+    return paths

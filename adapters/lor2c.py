@@ -1,0 +1,271 @@
+"""LoR2C: low-rank residual connections that span whole decoder layers, and their Share / Merge / Inject
+variants.
+
+A path p spans layers first(p)..last(p) and adds, to the output hidden state of layer last(p),
+
+    s·B_p A_p h_in,   h_in = the input hidden state of layer first(p),   s = alpha / r
+
+(A Kaiming-initialised, B zero, so a new path changes nothing). On a rotated model the hidden states
+are in the rotated basis and so are the paths. A path is attached with forward hooks on the decoder
+layers (a pre-hook on its first layer keeps h_in, a hook on its last layer adds the product), so the
+decoder layers themselves stay the Hugging Face modules and every other stage still sees them.
+
+Variants (`LOR2C_TYPES`):
+- `lor2c`: one path per layer;
+- `share-lor2c`: one A shared by every path, a B of its own per path;
+- `merge-lor2c`: `merge_weakest_pair` replaces the adjacent pair of paths with the smallest summed score
+  by one path from the input of the first to the output of the second; its new parameters are returned
+  so the caller adds them to the optimizer;
+- `inject-lor2c`: `inject_lora` removes the path with the largest score and puts plain LoRA on q_proj
+  and v_proj of its layer.
+
+A path's score is computed from the singular values σ of s·B A: the share of the top-k singular values
+in their sum (`top-share`), or their mean (`mean`). The paper ranks paths by this to find the ones that
+carry least (merge) or most (inject) of the update.
+
+Written here rather than taken from PEFT: PEFT adapts modules one by one and has no adapter that spans
+a nonlinear block from one layer's input to another layer's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from adapters.layers import LowRankAdapter
+from pipeline.errors import RotaqError
+from pipeline.families import DecoderFamily, decoder_layers, set_submodule
+
+LOR2C = "lor2c"
+SHARE_LOR2C = "share-lor2c"
+MERGE_LOR2C = "merge-lor2c"
+INJECT_LOR2C = "inject-lor2c"
+LOR2C_TYPES = (LOR2C, SHARE_LOR2C, MERGE_LOR2C, INJECT_LOR2C)
+SCORE_METHODS = ("top-share", "mean")
+INJECT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
+_ATTRIBUTE = "rotaq_lor2c"
+
+
+@dataclass(frozen=True)
+class Lor2cConfig:
+    kind: str = LOR2C
+    rank: int = 8
+    alpha: float = 16.0
+    score: str = "top-share"
+    top_k: int = 1  # singular values counted by the top-share score
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOR2C_TYPES:
+            raise RotaqError(f"unknown LoR2C type '{self.kind}'; choose one of {', '.join(LOR2C_TYPES)}")
+        if self.rank < 1:
+            raise RotaqError(f"--rank must be at least 1, got {self.rank}")
+        if self.score not in SCORE_METHODS:
+            raise RotaqError(f"unknown path score '{self.score}'; choose one of {', '.join(SCORE_METHODS)}")
+        if not 1 <= self.top_k <= self.rank:
+            raise RotaqError(f"top_k must be in [1, rank = {self.rank}], got {self.top_k}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class ResidualPath(nn.Module):
+    """s·B·A from the input of layer `first` to the output of layer `last` (first ≤ last)."""
+
+    def __init__(self, first: int, last: int, lora_A: nn.Parameter, lora_B: nn.Parameter, scaling: float) -> None:
+        super().__init__()
+        self.first, self.last, self.scaling = first, last, scaling
+        self.lora_A = lora_A  # possibly shared with other paths (share-lor2c)
+        self.lora_B = lora_B
+
+    def forward(self, hidden_in: Tensor) -> Tensor:
+        return self.scaling * (hidden_in @ self.lora_A.T) @ self.lora_B.T
+
+    def delta(self) -> Tensor:
+        """s·B·A (hidden × hidden)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def extra_repr(self) -> str:
+        return f"layers {self.first}..{self.last}, rank={self.lora_A.shape[0]}"
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear plus a plain LoRA adapter (what inject-lor2c puts on q_proj / v_proj)."""
+
+    def __init__(self, base: nn.Linear, adapter: LowRankAdapter, scaling: float) -> None:
+        super().__init__()
+        self.base, self.adapter, self.scaling = base, adapter, scaling
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.base(inputs) + self.scaling * self.adapter.up(self.adapter.down(inputs))
+
+
+@dataclass
+class Lor2cPaths:
+    """The paths installed in one model, the hooks that run them, and any injected LoRA."""
+
+    config: Lor2cConfig
+    family: DecoderFamily
+    layers: nn.ModuleList
+    paths: nn.ModuleList
+    generator: torch.Generator
+    injected: dict[str, LoraLinear] = field(default_factory=dict)
+    shared_A: nn.Parameter | None = None  # share-lor2c: the one A of every path
+    reset_hook: RemovableHandle | None = None
+    _inputs: dict[int, Tensor] = field(default_factory=dict)
+    _hooks: list[RemovableHandle] = field(default_factory=list)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Every trainable tensor once (a shared A counts once), paths first, then injected LoRA."""
+        seen: set[int] = set()
+        modules = [*self.paths, *(linear.adapter for linear in self.injected.values())]
+        for module in modules:
+            for parameter in module.parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    yield parameter
+
+    def parameter_count(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def scores(self) -> list[float]:
+        """One score per path, in path order (see the module docstring)."""
+        return [path_score(path, self.config) for path in self.paths]
+
+    def merge_weakest_pair(self) -> list[nn.Parameter]:
+        """Replace the adjacent pair (p, q), last(p) + 1 = first(q), with the smallest summed score by one path
+        first(p)..last(q), freshly initialised; returns its parameters for the optimizer."""
+        scores = self.scores()
+        pairs = [index for index in range(len(self.paths) - 1)
+                 if self.paths[index].last + 1 == self.paths[index + 1].first]
+        if not pairs:
+            raise RotaqError("no adjacent pair of LoR2C paths is left to merge")
+        index = min(pairs, key=lambda i: scores[i] + scores[i + 1])
+        first, last = self.paths[index].first, self.paths[index + 1].last
+        merged = self._new_path(first, last)
+        kept = [*self.paths[:index], merged, *self.paths[index + 2:]]
+        self.paths = nn.ModuleList(kept)
+        self._rehook()
+        return [merged.lora_A, merged.lora_B] if self.config.kind != SHARE_LOR2C else [merged.lora_B]
+
+    def inject_lora(self) -> tuple[int, list[nn.Parameter]]:
+        """Remove the path with the largest score; put LoRA on q_proj and v_proj of its (first) layer.
+        Returns the layer and the new parameters for the optimizer."""
+        scores = self.scores()
+        index = max(range(len(scores)), key=scores.__getitem__)
+        layer = self.paths[index].first
+        self.paths = nn.ModuleList([path for i, path in enumerate(self.paths) if i != index])
+        self._rehook()
+        added: list[nn.Parameter] = []
+        for projection in INJECT_TARGETS:
+            path = f"{self.family.layers}.{layer}.{projection}"
+            base = self.layers[layer].get_submodule(projection)
+            if isinstance(base, LoraLinear):
+                continue
+            adapter = LowRankAdapter(base.in_features, base.out_features, self.config.rank, 0.0,
+                                     dtype=base.weight.dtype)
+            adapter.reset_parameters(self.generator)
+            adapter.to(base.weight.device)
+            wrapped = LoraLinear(base, adapter, self.config.scaling)
+            set_submodule(self.layers[layer], projection, wrapped)
+            self.injected[path] = wrapped
+            added += list(adapter.parameters())
+        return layer, added
+
+    def _new_path(self, first: int, last: int) -> ResidualPath:
+        """A (Kaiming, or the shared one) and a zero B: the new path adds nothing until B is trained."""
+        hidden = self._hidden_size()
+        reference = next(self.layers[first].parameters())
+        lora_A = self.shared_A
+        if lora_A is None:
+            initial = torch.empty(self.config.rank, hidden, dtype=reference.dtype)
+            nn.init.kaiming_uniform_(initial, a=5 ** 0.5, generator=self.generator)
+            lora_A = nn.Parameter(initial.to(reference.device))
+            if self.config.kind == SHARE_LOR2C:
+                self.shared_A = lora_A
+        lora_B = nn.Parameter(torch.zeros(hidden, self.config.rank, dtype=reference.dtype, device=reference.device))
+        return ResidualPath(first, last, lora_A, lora_B, self.config.scaling)
+
+    def _hidden_size(self) -> int:
+        return int(self.layers[0].get_submodule(INJECT_TARGETS[0]).in_features)
+
+    def _rehook(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        starts = {path.first for path in self.paths}
+        ends: dict[int, list[ResidualPath]] = {}
+        for path in self.paths:
+            ends.setdefault(path.last, []).append(path)
+        for index in sorted(starts):
+            self._hooks.append(self.layers[index].register_forward_pre_hook(
+                _keep_input(self._inputs, index), with_kwargs=True))
+        for index, paths in sorted(ends.items()):
+            self._hooks.append(self.layers[index].register_forward_hook(_add_paths(self._inputs, paths)))
+
+    def remove(self, model: nn.Module) -> None:
+        """Detach every hook and injected wrapper (the base linears go back in place)."""
+        for handle in [*self._hooks, *([self.reset_hook] if self.reset_hook else [])]:
+            handle.remove()
+        self._hooks.clear()
+        for path, wrapped in self.injected.items():
+            set_submodule(model, path, wrapped.base)
+        self.injected.clear()
+        vars(model).pop(_ATTRIBUTE, None)
+
+
+def _hidden_argument(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _keep_input(inputs: dict[int, Tensor], layer: int) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inputs[layer] = _hidden_argument(args, kwargs)
+    return hook
+
+
+def _add_paths(inputs: dict[int, Tensor], paths: list[ResidualPath]) -> Any:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        for path in paths:
+            hidden = hidden + path(inputs[path.first])
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return hook
+
+
+def path_score(path: ResidualPath, config: Lor2cConfig) -> float:
+    """Score of a path from the singular values of s·B·A (rank-sized: computed from the r × r core)."""
+    with torch.no_grad():
+        # σ(B A) = σ(R_B R_Aᵀ) with B = Q_B R_B and Aᵀ = Q_A R_A, which avoids a hidden × hidden SVD.
+        r_b = torch.linalg.qr(path.lora_B.double(), mode="r").R
+        r_a = torch.linalg.qr(path.lora_A.double().T, mode="r").R
+        singular = torch.linalg.svdvals(path.scaling * (r_b @ r_a.T))
+    if config.score == "mean":
+        return float(singular.mean())
+    total = float(singular.sum())
+    return float(singular[:config.top_k].sum()) / total if total > 0 else 0.0
+
+
+def install_lor2c(model: nn.Module, family: DecoderFamily, config: Lor2cConfig, seed: int = 0) -> Lor2cPaths:
+    """One zero-effect path per decoder layer (A shared for share-lor2c); returns the installed paths."""
+    if _ATTRIBUTE in vars(model):
+        raise RotaqError("this model already has LoR2C paths")
+    layers = decoder_layers(model, family)
+    installed = Lor2cPaths(config, family, layers, nn.ModuleList(), torch.Generator().manual_seed(seed))
+    installed.paths = nn.ModuleList([installed._new_path(index, index) for index in range(len(layers))])
+    installed._rehook()
+    # A new forward pass starts with no kept inputs, so nothing of the last pass (or its graph) lingers.
+    installed.reset_hook = model.register_forward_pre_hook(lambda module, args: installed._inputs.clear())
+    vars(model)[_ATTRIBUTE] = installed
+    return installed
+
+
+def lor2c_parameter_count(hidden: int, layers: int, config: Lor2cConfig) -> int:
+    """Trainable parameters at install time: (A + B) per layer, or one shared A plus a B per layer."""
+    shared = config.kind == SHARE_LOR2C
+    return (1 if shared else layers) * config.rank * hidden + layers * hidden * config.rank

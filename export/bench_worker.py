@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -98,8 +100,19 @@ def load_target(spec: TargetSpec) -> Timed:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process in MiB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own memory. Not ru_maxrss:
+    Linux carries that across fork and exec, so a worker spawned by a large parent (`rotaq run` after
+    fine-tuning holds gigabytes) would report the parent's peak (measured: 4684 MiB for a 112 MiB model).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def _pin(threads: int) -> None:

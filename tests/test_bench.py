@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,3 +196,26 @@ def test_gate_warns_and_refuses_clearly(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ArtifactError, match="not a rotaq bench baseline"):
         load_baseline(tmp_path / "bad.json")
+
+
+def _report_peak_rss(queue: Any) -> None:
+    from export.bench_worker import peak_rss_mb
+
+    queue.put(peak_rss_mb())
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
+    """Linux carries ru_maxrss across fork and exec: a worker spawned by a large parent must not report it."""
+    import multiprocessing
+
+    import numpy as np
+
+    ballast = np.ones(512 * 1024 * 1024 // 8)  # 512 MiB, touched, held by this (parent) process
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=_report_peak_rss, args=(queue,))
+    worker.start()
+    reported = queue.get(timeout=120)
+    worker.join(timeout=60)
+    # the parent holds the 512 MiB ballast plus torch; the worker holds its own imports only
+    assert ballast.sum() > 0 and 0 < reported < 512, f"worker reported {reported:.0f} MiB"

@@ -6,10 +6,15 @@ import argparse
 from pathlib import Path
 
 from adapters.config import ADAPTER_TYPES
+from pipeline.errors import RotaqError
 from pipeline.cli_args import add_model_argument
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _print_parameter_counts(args)
+    if args.out is None:
+        raise RotaqError("rotaq finetune needs --out (or --dry-run to print parameter counts only)")
     from accelerate import PartialState
 
     from adapters.finetune import FinetuneOptions, run_finetune
@@ -33,6 +38,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_parameter_counts(args: argparse.Namespace) -> int:
+    """Trainable parameters of every adapter type at --rank, without training anything."""
+    from adapters.parameter_counts import adapter_parameter_counts
+    from eval.tables import markdown_table
+    from pipeline.loading import load_model
+
+    loaded = load_model(args.model)
+    rows = adapter_parameter_counts(loaded.model, loaded.family, args.rank, args.targets)
+    print(f"trainable parameters at rank {args.rank} ({args.targets or 'all seven projections'} for (Res)LoRA):")
+    print(markdown_table(rows, ["adapter", "trainable_parameters", "vs_lora", "note"],
+                         {"trainable_parameters": ",d", "vs_lora": ".3f"}))
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from adapters.merge_stage import MergeOptions, run_merge
 
@@ -49,7 +68,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     finetune = commands.add_parser("finetune", help="stage 2: train (Res)LoRA adapters on the frozen rotated weights")
     add_model_argument(finetune)
-    finetune.add_argument("--out", required=True, help="output folder (written atomically)")
+    finetune.add_argument("--out", default=None, help="output folder (written atomically)")
+    finetune.add_argument("--dry-run", action="store_true",
+                          help="print the trainable parameters of every adapter type (LoRA, ResLoRA, LoR2C variants) "
+                               "at --rank, and exit")
     finetune.add_argument("--adapter", default="lora", help=f"one of {', '.join(ADAPTER_TYPES)} (default lora)")
     finetune.add_argument("--rank", type=int, default=8)
     finetune.add_argument("--alpha", type=float, default=16.0, help="scaling s = alpha / rank (default 16)")

@@ -140,3 +140,24 @@ def test_a_model_takes_one_set_of_paths() -> None:
     install_lor2c(model, family_for(model), Lor2cConfig(kind=LOR2C, rank=2))
     with pytest.raises(RotaqError, match="already has LoR2C paths"):
         install_lor2c(model, family_for(model), Lor2cConfig(kind=LOR2C, rank=2))
+
+
+def test_dry_run_counts_match_the_installed_adapters() -> None:
+    from adapters.config import AdapterConfig
+    from adapters.parameter_counts import adapter_parameter_counts
+    from adapters.structure import install_adapters, mark_only_adapters_trainable
+
+    model, _ = _model_and_ids()
+    family = family_for(model)
+    counts = {row["adapter"]: row["trainable_parameters"] for row in adapter_parameter_counts(model, family, 4)}
+    lora_model, _ = _model_and_ids()
+    install_adapters(lora_model, family, AdapterConfig(kind="lora", targets=family.decoder_linears, rank=4))
+    assert counts["lora"] == counts["reslora-bs"] == sum(p.numel() for p in mark_only_adapters_trainable(lora_model))
+    for kind in LOR2C_TYPES:
+        fresh, _ = _model_and_ids()
+        installed = install_lor2c(fresh, family, Lor2cConfig(kind=kind, rank=4))
+        if kind == MERGE_LOR2C:
+            installed.merge_weakest_pair()
+        if kind == INJECT_LOR2C:
+            installed.inject_lora()
+        assert installed.parameter_count() == counts[kind], kind

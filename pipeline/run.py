@@ -62,7 +62,7 @@ def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressL
     _write_run_record(run_folder, config, plan, outcomes)
     for index, stage in enumerate(plan.stages, 1):
         label = f"[{index}/{len(plan.stages)}] {stage.name}"
-        if _is_cached(stage, run_folder):
+        if _is_cached(stage) and not _reads_a_stage_that_ran(stage, outcomes):
             outcomes[stage.name] = StageOutcome("cached", reason=f"key {stage.key[:12]}")
         else:
             say(f"{label}: running")
@@ -88,9 +88,16 @@ def _prepare_run_folder(folder: Path) -> Path:
     return folder
 
 
-def _is_cached(stage: PlannedStage, run_folder: Path) -> bool:
+def _is_cached(stage: PlannedStage) -> bool:
     marker = read_marker(stage.marker)
     return marker is not None and marker.get("key") == stage.key and stage.definition.is_complete(stage.output)
+
+
+def _reads_a_stage_that_ran(stage: PlannedStage, outcomes: dict[str, StageOutcome]) -> bool:
+    """True when an input was (re)computed in this run: a stage re-runs when its output went missing, and
+    a rerun need not give the same output (training is seeded, but not bitwise reproducible everywhere),
+    so whatever was computed from the old output is computed again."""
+    return any(outcomes.get(upstream, StageOutcome("cached")).status == "done" for upstream in stage.inputs.values())
 
 
 def _run_stage(stage: PlannedStage, plan: RunPlan, run_folder: Path, show_progress: bool) -> StageOutcome:

@@ -80,7 +80,8 @@ def test_least_squares_merge_is_not_worse_than_the_paper_merge(finetuned: dict[s
     lstsq = merge(finetuned[kind], tmp_path / "lstsq", method="lstsq")
     assert not paper["exact"] and paper["method"] == "paper" and lstsq["method"] == "lstsq"
     assert 0 < lstsq["error"]["kl_divergence"] <= paper["error"]["kl_divergence"]
-    assert lstsq["calibration"]["ridge"] in (1e-3, 1e-2, 1e-1, 1.0)
+    assert lstsq["calibration"]["ridge"] in (1e-3, 1e-2, 1e-1, 1.0, "paper")
+    assert lstsq["calibration"]["fit_tokens"] + lstsq["calibration"]["selection_tokens"] == lstsq["calibration"]["tokens"]
 
 
 def test_qat_is_recorded_and_reloaded(finetuned: dict[str, Path], tmp_path: Path) -> None:

@@ -215,3 +215,12 @@ def test_export_and_bench_results_reach_the_report(tmp_path: Path, tiny_hf_folde
     bench_table = markdown.split("## Latency, size and memory")[1].split("##")[0]
     assert "| 321 |" in bench_table and f"| {source['perplexity']:.4g} |" in bench_table
     assert "fake-1.0" in markdown and (tmp_path / "run" / "report_files" / "bench.png").is_file()
+
+
+def test_a_stage_whose_output_went_missing_reruns_with_everything_computed_from_it(
+        run_copy: Path, tiny_hf_folder: Path, tiny_text_file: Path) -> None:
+    shutil.rmtree(run_copy / "merge")  # its marker stays: the key alone must not vouch for what was built on it
+    outcome = run_pipeline(tiny_config(tiny_hf_folder, tiny_text_file), run_copy, show_stage_progress=False)
+    reran = {name for name, stage in outcome.stages.items() if stage.status == "done"}
+    assert reran == {"merge", "quantize-w4a8", "evaluate-merge", "evaluate-quantize-w4a8", "results", "report"}
+    assert outcome.stages["finetune"].status == "cached" and outcome.stages["rotate"].status == "cached"

@@ -25,6 +25,7 @@ SWEEP_FORMAT = "rotaq-sweep/1"
 SWEEP_STEM = "sweep"
 PARETO_PNG = "pareto.png"
 FLOAT_BRANCH = "float"
+IDENTITY = "_identity"
 ACCURACY = "perplexity"
 # (name of the front, column, True when larger is better)
 FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
@@ -60,8 +61,28 @@ def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> l
             row["ppl_vs_source"] = evaluation["perplexity"] / source["perplexity"]
         row.update(_bench_numbers(run, branch))
         row["finetune_s"] = finetune_seconds
+        row[IDENTITY] = _identity(run, evaluation["model"], branch)
         rows.append(row)
     return rows
+
+
+def _identity(run: RunFiles, model: str, branch: str) -> str:
+    """The keys of the evaluated model and of its bench: equal for the same numbers reached by two variants."""
+    keys = [(run.stage_named(name) or {}).get("key", name) for name in (model, f"bench-{branch}")]
+    return "/".join(keys)
+
+
+def unique_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each model once (the first variant that reached it), without the identity field."""
+    seen: set[str] = set()
+    kept = []
+    for row in rows:
+        identity = row.pop(IDENTITY, None)
+        if identity is None or identity not in seen:
+            kept.append(row)
+        if identity is not None:
+            seen.add(identity)
+    return kept
 
 
 def _stage_seconds(run: RunFiles, stage: str) -> float | None:
@@ -127,6 +148,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
 
     figure = Figure(figsize=(6.5 * len(panels), 5.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -147,6 +169,8 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel(labels[column])
         ax.set_ylabel("held-out perplexity (lower is better)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())  # "40", not "4 x 10^1"
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best", fontsize="small")
     buffer = io.BytesIO()
@@ -162,6 +186,7 @@ def _point_label(row: Mapping[str, Any]) -> str:
 def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[str],
                         variants: Sequence[Mapping[str, Any]], title: str) -> dict[str, Path]:
     """sweep.csv, sweep.json (rows plus the variants and their status), sweep.md and pareto.png."""
+    rows = unique_rows(rows)
     mark_pareto(rows)
     columns = ["variant", *swept, "branch", "model", *_METRIC_COLUMNS]
     if any("prefill_tokens" in row for row in rows):
@@ -175,7 +200,8 @@ def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[s
              f"{len(variants)} variant(s) over {', '.join(swept) or 'nothing'}; one row per variant and branch "
              "(`float` is the variant's last float model). Perplexity, KL and top-1 come from each run's "
              "results.json (KL and top-1 against the float source model); decode and prefill speed-ups are "
-             "against the float32 ONNX graph timed in the same bench run. `pareto` names the fronts a row "
+             "against the float32 ONNX graph timed in the same bench run. A model that several variants share "
+             "(the float model, most often) is listed once, under the first. `pareto` names the fronts a row "
              "is on (lower perplexity with higher decode speed-up, or with smaller files).", "",
              markdown_table(rows, columns, SUMMARY_FORMATS)]
     lines += [f"![Pareto fronts]({PARETO_PNG})", ""] if plot else ["No row has bench numbers, so no Pareto plot "

@@ -22,7 +22,7 @@ class FakeQuantizers:
         """`act_clip_ratio`: the quantize stage's `--act-clip-ratio`, so training clips as deployment will
         (it applies to per-token activations only, as there; per-block A8 stays unclipped)."""
         scheme = parse_scheme(scheme_name)
-        if act_clip_ratio is not None and scheme.act_block_size is None and scheme.quantizes_activations:
+        if act_clip_ratio is not None and scheme.clips_activations_by_default:
             scheme = dataclasses.replace(scheme, act_clip_ratio=act_clip_ratio)
         self.scheme: QuantScheme = scheme
 

@@ -48,7 +48,7 @@ def write_table(
     path_stem = Path(path_stem)
     paths = {ext: path_stem.with_name(f"{path_stem.name}.{ext}") for ext in ("md", "csv", "json")}
     atomic_write(paths["md"], markdown_table(rows, columns, formats))
-    atomic_write(paths["csv"], _csv_text(rows, columns))
+    atomic_write(paths["csv"], csv_text(rows, columns))
     atomic_write(paths["json"], _json_text(rows, columns))
     return paths
 
@@ -97,7 +97,7 @@ def _md_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """CSV with a header row; full-precision numbers, blank for missing."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -107,10 +107,13 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def json_records(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows as JSON-ready objects; NaN/inf become null because JSON has no spelling for them."""
+    return [{col: _json_value(row.get(col)) for col in columns} for row in rows]
+
+
 def _json_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """JSON list of row objects; NaN/inf become null because JSON has no spelling for them."""
-    records = [{col: _json_value(row.get(col)) for col in columns} for row in rows]
-    return json.dumps(records, indent=2, allow_nan=False, default=str) + "\n"
+    return json.dumps(json_records(rows, columns), indent=2, allow_nan=False, default=str) + "\n"
 
 
 def _json_value(value: Any) -> Any:

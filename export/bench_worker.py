@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -127,7 +128,7 @@ MIN_SAMPLE_SECONDS = 0.05
 mostly timer and scheduler noise. A real model's prefill or decode run is one call, as before."""
 
 
-def _timed(call: Any, *args: Any) -> float:
+def _timed(call: Callable[..., Any], *args: Any) -> float:
     start = time.perf_counter()
     call(*args)
     return time.perf_counter() - start
@@ -143,7 +144,7 @@ def _timed_decode(target: Timed, rng: np.random.Generator, cached: int, steps: i
     return time.perf_counter() - start
 
 
-def _sample_seconds(measure: Any) -> float:
+def _sample_seconds(measure: Callable[[], float]) -> float:
     """One timing sample: `measure()` once, or averaged over repeats until MIN_SAMPLE_SECONDS are timed."""
     total, calls = measure(), 1
     while total < MIN_SAMPLE_SECONDS:

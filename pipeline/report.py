@@ -83,10 +83,9 @@ def write_report(run_folder: Path) -> Path:
 def _summary_section(run: RunFiles) -> list[Block]:
     """Each deployable model (the last float model and every quantized one) with its accuracy beside its
     speed and size, as `rotaq run` prints it and a sweep tabulates it."""
-    from pipeline.sweep_table import SUMMARY_COLUMNS, SUMMARY_FORMATS, unique_rows, variant_rows  # reads RunFiles
+    from pipeline.sweep_table import SUMMARY_FORMATS, run_summary  # imported here: it reads RunFiles from here
 
-    rows = unique_rows(variant_rows(run.folder, run.folder.name, {}))
-    columns = [column for column in SUMMARY_COLUMNS if any(row.get(column) is not None for row in rows)]
+    rows, columns = run_summary(run.folder)
     if not rows:
         return []
     return [Heading("Summary"),

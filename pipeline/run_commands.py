@@ -41,10 +41,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def summary_table(run_folder: Path) -> str:
     """The run's main numbers for the terminal: each deployable model's accuracy, speed-up and size."""
     from eval.tables import markdown_table
-    from pipeline.sweep_table import SUMMARY_COLUMNS, SUMMARY_FORMATS, unique_rows, variant_rows
+    from pipeline.sweep_table import SUMMARY_FORMATS, run_summary
 
-    rows = unique_rows(variant_rows(run_folder, run_folder.name, {}))
-    columns = [column for column in SUMMARY_COLUMNS if any(row.get(column) is not None for row in rows)]
+    rows, columns = run_summary(run_folder)
     return markdown_table(rows, columns, SUMMARY_FORMATS) if rows else "no evaluated model in this run"
 
 

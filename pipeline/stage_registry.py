@@ -130,9 +130,9 @@ def _quantize_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
     quantize = config.quantize
     gptq = {"act_order": quantize.act_order, "calibration_tokens": quantize.calibration_tokens,
             "data": config.data, "seq_len": config.seq_len}
-    per_token = parse_scheme(branch).act_block_size is None  # clipping would turn per-block A8 into per-token
+    clipped = parse_scheme(branch).clips_activations_by_default
     return {"scheme": branch, "weights": quantize.weights, "group": quantize.group,
-            "act_clip_ratio": quantize.act_clip_ratio if per_token else None,
+            "act_clip_ratio": quantize.act_clip_ratio if clipped else None,
             # RTN reads no data: calibration settings must not invalidate it
             "gptq": gptq if quantize.weights == "gptq" else None}
 

@@ -101,7 +101,7 @@ def load_sweep(path: Path, base_config: Path | None = None, overrides: Sequence[
 
 
 def variant_name(values: Mapping[str, Any]) -> str:
-    """`weights=gptq_rotate.enabled=false` style: readable, stable, and safe as a folder name."""
+    """`weights=gptq_rotate=off` style: readable, stable, and safe as a folder name."""
     parts = [f"{_short_key(key, values)}={_value_text(value)}" for key, value in values.items()]
     slug = re.sub(r"[^A-Za-z0-9=._+-]+", "-", "_".join(parts)) or "base"
     if len(slug) > SLUG_LIMIT:

@@ -9,17 +9,16 @@ that stays comparable across variants benchmarked minutes apart); training time 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.tables import markdown_table, write_table
+from eval.tables import csv_text, json_records, markdown_table
 from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.config_template import yaml_value
 from pipeline.report import RunFiles
 from pipeline.run_results import RESULTS_FILE
-from pipeline.stage_cache import read_marker
+from pipeline.stage_cache import RUN_RECORD, read_marker
 
 SWEEP_FORMAT = "rotaq-sweep/1"
 SWEEP_STEM = "sweep"
@@ -40,7 +39,7 @@ SUMMARY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".3f", "ppl_vs_sour
 
 def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The final float model and each quantized model of one variant's run, with its bench numbers."""
-    if not (run_folder / "run.json").is_file():
+    if not (run_folder / RUN_RECORD).is_file():
         return []
     run = RunFiles.load(run_folder)
     results = run.json(RESULTS_FILE)
@@ -64,6 +63,13 @@ def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> l
         row[IDENTITY] = _identity(run, evaluation["model"], branch)
         rows.append(row)
     return rows
+
+
+def run_summary(run_folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One run's deployable models (rows) and the summary columns they have values for: the table
+    `rotaq run` prints and its report opens with."""
+    rows = unique_rows(variant_rows(run_folder, run_folder.name, {}))
+    return rows, [column for column in SUMMARY_COLUMNS if any(row.get(column) is not None for row in rows)]
 
 
 def _identity(run: RunFiles, model: str, branch: str) -> str:
@@ -102,16 +108,11 @@ def _bench_numbers(run: RunFiles, branch: str) -> dict[str, Any]:
         return {}
     prompt = min((int(key.rsplit("_", 1)[1]) for key in row if key.startswith("prefill_ms_")
                   and key.rsplit("_", 1)[1].isdigit()), default=None)
-    numbers = {"decode_tokens_per_s": row.get("decode_tokens_per_s"), "file_mb": row.get("file_mb"),
-               "peak_rss_mb": row.get("peak_rss_mb"),
-               # The float branch is the bench's own reference: its ratios are 1 by definition.
-               "decode_speedup": row.get("decode_speedup", 1.0 if branch == FLOAT_BRANCH else None),
-               "size_ratio": row.get("size_ratio", 1.0 if branch == FLOAT_BRANCH else None)}
+    numbers = {key: row.get(key) for key in ("decode_tokens_per_s", "decode_speedup", "file_mb", "size_ratio",
+                                             "peak_rss_mb")}  # the bench gives its reference ratios of 1 too
     if prompt is not None:
-        numbers["prefill_ms"] = row.get(f"prefill_ms_{prompt}")
-        numbers["prefill_speedup"] = row.get(f"prefill_speedup_{prompt}",
-                                             1.0 if branch == FLOAT_BRANCH else None)
-        numbers["prefill_tokens"] = prompt
+        numbers.update(prefill_tokens=prompt, prefill_ms=row.get(f"prefill_ms_{prompt}"),
+                       prefill_speedup=row.get(f"prefill_speedup_{prompt}"))
     return numbers
 
 
@@ -192,9 +193,10 @@ def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[s
     if any("prefill_tokens" in row for row in rows):
         columns.insert(columns.index("prefill_ms"), "prefill_tokens")
     columns = [column for column in columns if any(row.get(column) is not None for row in rows)] or ["variant"]
-    paths = write_table(rows, out / SWEEP_STEM, columns, SUMMARY_FORMATS)
+    paths = {ext: out / f"{SWEEP_STEM}.{ext}" for ext in ("md", "csv", "json")}
+    atomic_write(paths["csv"], csv_text(rows, columns))
     write_json_atomic(paths["json"], {"format": SWEEP_FORMAT, "swept": list(swept), "variants": list(variants),
-                                      "columns": columns, "rows": json.loads(paths["json"].read_text())})
+                                      "columns": columns, "rows": json_records(rows, columns)})
     plot = plot_pareto(rows, out / PARETO_PNG)
     lines = [f"# {title}", "",
              f"{len(variants)} variant(s) over {', '.join(swept) or 'nothing'}; one row per variant and branch "

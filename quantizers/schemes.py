@@ -88,6 +88,13 @@ class QuantScheme:
     def quantizes_activations(self) -> bool:
         return self.act_bits < 16
 
+    @property
+    def clips_activations_by_default(self) -> bool:
+        """Whether a pipeline-wide activation clip applies: only per-token activations are clipped; the
+        per-block A8 schemes follow ONNX Runtime's kernel, which does not clip (a clip would make them per
+        token and slow), and weight-only schemes have no activation grid."""
+        return self.quantizes_activations and self.act_block_size is None
+
 
 def parse_scheme(name: str) -> QuantScheme:
     """Parse ``w{4,8}a{4,8,16}[-gN]`` into a scheme with the project's defaults for the rest."""

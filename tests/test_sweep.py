@@ -37,8 +37,8 @@ def fake_bench_by_name(options: FakeBenchOptions) -> None:
     speed = 100.0 + zlib.crc32(name.encode()) % 50 if quantized else 50.0
     row = {"model": name, "prefill_ms_128": 2.0, "decode_tokens_per_s": speed,
            "file_mb": (0.2 if "w4a4" in name else 0.3) if quantized else 1.0, "peak_rss_mb": 100.0}
-    if quantized:
-        row.update(decode_speedup=speed / 50.0, size_ratio=row["file_mb"], prefill_speedup_128=1.1)
+    # as the real bench does, the float32 reference row has ratios of 1
+    row.update(decode_speedup=speed / 50.0, size_ratio=row["file_mb"], prefill_speedup_128=1.1 if quantized else 1.0)
     Path(options.out).mkdir(parents=True)
     (Path(options.out) / "bench.json").write_text(json.dumps([row]))
 

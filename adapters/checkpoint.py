@@ -89,7 +89,7 @@ class CheckpointFolder:
         return latest
 
     def save(self, state: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: Any) -> Path:
+             scheduler: Any, structure: dict[str, Any] | None = None) -> Path:
         """Write step `state.step` atomically (every process must call this), then drop older checkpoints."""
         accelerator = self.accelerator
         final = self.folder / f"{STEP_PREFIX}{state.step:08d}"
@@ -106,7 +106,7 @@ class CheckpointFolder:
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
             payload = {"fingerprint": self.fingerprint, "settings": self.settings, "step": state.step,
-                       "log": state.log, "input_norms": state.input_norms}
+                       "log": state.log, "input_norms": state.input_norms, "structure": structure}
             (staging / STATE_NAME).write_text(json.dumps(payload, indent=1, default=str) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
@@ -115,6 +115,13 @@ class CheckpointFolder:
                     shutil.rmtree(older, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
+
+    def saved_structure(self, checkpoint: Path) -> tuple[list[tuple[int, int]], list[int]]:
+        """LoR2C spans and injected layers at the checkpoint: rebuilt before its tensors are loaded."""
+        structure = json.loads((checkpoint / STATE_NAME).read_text()).get("structure")
+        if not structure:
+            raise RotaqError(f"{checkpoint} records no LoR2C structure; remove the folder to start over")
+        return [tuple(span) for span in structure["spans"]], list(structure["injected_layers"])
 
     def load(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any) -> TrainingState:

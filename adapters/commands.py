@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from adapters.config import ADAPTER_TYPES
+from adapters.lor2c import LOR2C_TYPES
 from pipeline.errors import RotaqError
 from pipeline.cli_args import add_model_argument
 
@@ -27,7 +28,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     out = run_finetune(FinetuneOptions(
         model=args.model, out=Path(args.out), adapter=args.adapter, targets=args.targets, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, pre_num=args.pre_num, qat=args.qat,
-        qat_act_clip_ratio=args.qat_act_clip_ratio, training=training, data=args.data,
+        qat_act_clip_ratio=args.qat_act_clip_ratio, lor2c_changes=args.lor2c_changes,
+        lor2c_interval=args.lor2c_interval, lor2c_score=args.lor2c_score, lor2c_top_k=args.lor2c_top_k,
+        training=training, data=args.data,
         seq_len=args.seq_len, eval_tokens=args.eval_tokens, resume=args.resume,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None))
     if PartialState().is_main_process:
@@ -45,7 +48,8 @@ def _print_parameter_counts(args: argparse.Namespace) -> int:
     from pipeline.loading import load_model
 
     loaded = load_model(args.model)
-    rows = adapter_parameter_counts(loaded.model, loaded.family, args.rank, args.targets)
+    changes = {"merges": args.lor2c_changes, "injections": args.lor2c_changes} if args.lor2c_changes else {}
+    rows = adapter_parameter_counts(loaded.model, loaded.family, args.rank, args.targets, **changes)
     print(f"trainable parameters at rank {args.rank} ({args.targets or 'all seven projections'} for (Res)LoRA):")
     print(markdown_table(rows, ["adapter", "trainable_parameters", "vs_lora", "note"],
                          {"trainable_parameters": ",d", "vs_lora": ".3f"}))
@@ -72,7 +76,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     finetune.add_argument("--dry-run", action="store_true",
                           help="print the trainable parameters of every adapter type (LoRA, ResLoRA, LoR2C variants) "
                                "at --rank, and exit")
-    finetune.add_argument("--adapter", default="lora", help=f"one of {', '.join(ADAPTER_TYPES)} (default lora)")
+    finetune.add_argument("--adapter", default="lora",
+                          help=f"one of {', '.join(ADAPTER_TYPES + LOR2C_TYPES)} (default lora)")
     finetune.add_argument("--rank", type=int, default=8)
     finetune.add_argument("--alpha", type=float, default=16.0, help="scaling s = alpha / rank (default 16)")
     finetune.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
@@ -95,6 +100,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="quantization-aware training for a scheme such as w4a4 or w4a16-g128")
     finetune.add_argument("--qat-act-clip-ratio", type=float, default=None, metavar="R",
                           help="with --qat: clip per-token activations as `rotaq quantize --act-clip-ratio R` will")
+    finetune.add_argument("--lor2c-changes", type=int, default=None, metavar="N",
+                          help="merge-lor2c: path merges; inject-lor2c: LoRA injections (default 4 and 2)")
+    finetune.add_argument("--lor2c-interval", type=int, default=None, metavar="STEPS",
+                          help="steps between merges / injections (default: spread evenly over training)")
+    finetune.add_argument("--lor2c-score", default="top-share", choices=("top-share", "mean"),
+                          help="path score from the singular values of s·B·A: share of the top-k, or their mean")
+    finetune.add_argument("--lor2c-top-k", type=int, default=1, help="singular values counted by --lor2c-score top-share")
     finetune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint (refused if the settings differ)")

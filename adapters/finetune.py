@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 from adapters.checkpoint import CheckpointFolder
 from adapters.config import AdapterConfig, default_pre_num, resolve_targets
 from adapters.input_norms import NORM_BATCHES
+from adapters.lor2c import LOR2C_TYPES, Lor2cConfig, install_lor2c, lor2c_paths
 from adapters.structure import adapter_state_dict, install_adapters
 from adapters.train import TrainConfig, TrainResult, train_adapters
 from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, write_model_artifact
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import ArtifactError, RotaqError
+from pipeline.families import decoder_layers
 from pipeline.loading import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ class FinetuneOptions:
     pre_num: int | None = None  # None: the type's default
     qat: str | None = None
     qat_act_clip_ratio: float | None = None  # as the quantize stage's --act-clip-ratio
+    lor2c_changes: int | None = None  # merges / injections of merge-lor2c / inject-lor2c (None: the default)
+    lor2c_interval: int | None = None  # steps between them (None: spread evenly)
+    lor2c_score: str = "top-share"
+    lor2c_top_k: int = 1
     training: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None
     seq_len: int = 256
@@ -69,7 +75,11 @@ def run_finetune(options: FinetuneOptions) -> Path:
     loaded = load_model(options.model)
     _refuse_unsuitable_parent(loaded, options.model)
     config = adapter_config(options, loaded)
-    install_adapters(loaded.model, loaded.family, config, seed=options.training.seed)
+    if isinstance(config, Lor2cConfig):
+        install_lor2c(loaded.model, loaded.family, config, seed=options.training.seed)
+        config.change_steps(options.training.steps, len(decoder_layers(loaded.model, loaded.family)))  # fail early
+    else:
+        install_adapters(loaded.model, loaded.family, config, seed=options.training.seed)
     train_windows = load_split_windows(DataSpec(options.data, options.seq_len), loaded.tokenizer, "train")
     eval_windows = load_split_windows(DataSpec(options.data, options.seq_len, options.eval_tokens), loaded.tokenizer,
                                       "evaluation")
@@ -86,11 +96,24 @@ def run_finetune(options: FinetuneOptions) -> Path:
     return Path(options.out)
 
 
-def adapter_config(options: FinetuneOptions, loaded: LoadedModel) -> AdapterConfig:
+def adapter_config(options: FinetuneOptions, loaded: LoadedModel) -> AdapterConfig | Lor2cConfig:
+    if options.adapter in LOR2C_TYPES:
+        return lor2c_config(options)
     pre_num = options.pre_num if options.pre_num is not None else default_pre_num(options.adapter)
     return AdapterConfig(kind=options.adapter, targets=resolve_targets(options.targets, loaded.family),
                          rank=options.rank, alpha=options.alpha, dropout=options.dropout, pre_num=pre_num,
                          qat=options.qat, qat_act_clip_ratio=options.qat_act_clip_ratio)
+
+
+def lor2c_config(options: FinetuneOptions) -> Lor2cConfig:
+    """LoR2C paths take rank, alpha and the schedule; the (Res)LoRA-only options are refused, not ignored."""
+    refused = {"--targets": options.targets is not None, "--pre-num": options.pre_num is not None,
+               "--dropout": options.dropout > 0, "--qat": options.qat is not None}
+    if given := [name for name, is_set in refused.items() if is_set]:
+        raise RotaqError(f"{', '.join(given)} do(es) not apply to {options.adapter}: LoR2C paths span whole "
+                         "layers (no targets or shortcuts), and QAT of LoR2C is not implemented")
+    return Lor2cConfig(kind=options.adapter, rank=options.rank, alpha=options.alpha, score=options.lor2c_score,
+                       top_k=options.lor2c_top_k, changes=options.lor2c_changes, interval=options.lor2c_interval)
 
 
 def _refuse_unreplaceable_out(out: Path) -> None:
@@ -103,12 +126,15 @@ def _refuse_unsuitable_parent(loaded: LoadedModel, reference: str | None) -> Non
     manifest = loaded.manifest or {}
     if "adapters" in manifest:
         raise RotaqError(f"{reference} already has adapters; merge them first (rotaq merge), then fine-tune again")
+    if "side_paths" in manifest:
+        raise RotaqError(f"{reference} carries LoR2C side paths from an earlier fine-tune; fine-tune its parent "
+                         "instead")
     if "quantization" in manifest:
         raise RotaqError(f"{reference} is quantized; fine-tune the rotated float model and quantize afterwards "
                          "(use --qat to train for the quantized deployment)")
 
 
-def _trajectory_settings(options: FinetuneOptions, config: AdapterConfig, loaded: LoadedModel,
+def _trajectory_settings(options: FinetuneOptions, config: AdapterConfig | Lor2cConfig, loaded: LoadedModel,
                          train_windows: Any, processes: int) -> dict[str, Any]:
     """Everything that determines the trained adapters; a checkpoint only resumes under the same values."""
     manifest = loaded.manifest or {}
@@ -119,8 +145,8 @@ def _trajectory_settings(options: FinetuneOptions, config: AdapterConfig, loaded
             "base_model": base, "processes": processes}
 
 
-def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: AdapterConfig, result: TrainResult,
-                  eval_windows: Any) -> None:
+def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: AdapterConfig | Lor2cConfig,
+                  result: TrainResult, eval_windows: Any) -> None:
     parent = loaded.manifest or {}
     option_values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
     manifest = new_manifest("finetune", option_values, loaded.source, loaded.manifest)
@@ -129,6 +155,9 @@ def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: Adapter
     manifest["adapters"] = {**config.to_section(), "file": ADAPTERS_FILE,
                             "input_norm_ratios": result.input_norm_ratios, "input_norm_batches": NORM_BATCHES,
                             "training": training_summary(result.log, eval_windows)}
+    if (paths := lor2c_paths(loaded.model)) is not None:
+        manifest["adapters"].update(paths.describe(), trainable_parameters=paths.parameter_count(),
+                                    structure_changes=result.log.get("structure_changes", []))
     tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state_dict(loaded.model).items()}
     write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest, extra_writers={
         ADAPTERS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),

@@ -18,10 +18,12 @@ NORM_BATCHES = 100
 class InputNormHistory:
     """Per projection and layer, the mean ‖x_n‖ of each of the last `window` training batches."""
 
-    def __init__(self, installed: InstalledAdapters, window: int = NORM_BATCHES) -> None:
+    def __init__(self, installed: InstalledAdapters | None, window: int = NORM_BATCHES) -> None:
+        """`installed` None (LoR2C paths, which have no shortcuts to merge) keeps no statistics."""
         self.installed = installed
-        layer_count = len(installed.decoder_layers)
-        projections = installed.chains if installed.config.has_shortcuts else {}
+        has_shortcuts = installed is not None and installed.config.has_shortcuts
+        layer_count = len(installed.decoder_layers) if installed is not None else 0
+        projections = installed.chains if has_shortcuts else {}
         self.history = {p: [deque(maxlen=window) for _ in range(layer_count)] for p in projections}
 
     def commit_batch(self) -> None:

@@ -30,7 +30,8 @@ a nonlinear block from one layer's input to another layer's output.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from adapters.layers import LowRankAdapter
-from pipeline.errors import RotaqError
+from pipeline.errors import ArtifactError, RotaqError
 from pipeline.families import DecoderFamily, decoder_layers, set_submodule
 
 LOR2C = "lor2c"
@@ -49,6 +50,10 @@ LOR2C_TYPES = (LOR2C, SHARE_LOR2C, MERGE_LOR2C, INJECT_LOR2C)
 SCORE_METHODS = ("top-share", "mean")
 INJECT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 _ATTRIBUTE = "rotaq_lor2c"
+SIDE_PATHS = "rotaq_side_paths"  # the submodule holding the paths: their state-dict prefix
+
+
+DEFAULT_CHANGES = {MERGE_LOR2C: 4, INJECT_LOR2C: 2}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class Lor2cConfig:
     alpha: float = 16.0
     score: str = "top-share"
     top_k: int = 1  # singular values counted by the top-share score
+    changes: int | None = None  # merges (merge-lor2c) or injections (inject-lor2c); None: the type's default
+    interval: int | None = None  # optimizer steps between changes; None: spread evenly over training
 
     def __post_init__(self) -> None:
         if self.kind not in LOR2C_TYPES:
@@ -68,10 +75,51 @@ class Lor2cConfig:
             raise RotaqError(f"unknown path score '{self.score}'; choose one of {', '.join(SCORE_METHODS)}")
         if not 1 <= self.top_k <= self.rank:
             raise RotaqError(f"top_k must be in [1, rank = {self.rank}], got {self.top_k}")
+        if self.changes is not None and self.kind not in DEFAULT_CHANGES and self.changes != 0:
+            raise RotaqError(f"--lor2c-changes applies to {MERGE_LOR2C} and {INJECT_LOR2C} only")
+        if self.changes is not None and self.changes < 0:
+            raise RotaqError(f"--lor2c-changes must not be negative, got {self.changes}")
+        if self.interval is not None and self.interval < 1:
+            raise RotaqError(f"--lor2c-interval must be at least 1, got {self.interval}")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def change_count(self) -> int:
+        return self.changes if self.changes is not None else DEFAULT_CHANGES.get(self.kind, 0)
+
+    def change_steps(self, total_steps: int, layers: int) -> list[int]:
+        """The optimizer steps after which a merge or injection happens.
+
+        By default they are spread evenly, so the last new parameters train for as many steps as the
+        first paths trained before the first change.
+        """
+        count = self.change_count
+        if count == 0:
+            return []
+        limit = layers - 1 if self.kind == MERGE_LOR2C else layers
+        if count > limit:
+            raise RotaqError(f"{self.kind} cannot make {count} changes on a model with {layers} layers "
+                             f"(at most {limit})")
+        interval = self.interval or total_steps // (count + 1)
+        steps = [interval * (index + 1) for index in range(count)]
+        if interval < 1 or steps[-1] >= total_steps:
+            raise RotaqError(f"{count} {self.kind} changes every {interval or 0} steps do not fit in {total_steps} "
+                             "steps with steps left to train the new parameters: raise --steps or lower "
+                             "--lor2c-changes / --lor2c-interval")
+        return steps
+
+    def to_section(self) -> dict[str, Any]:
+        values = asdict(self)
+        return {"type": values.pop("kind"), **values, "scaling": self.scaling}
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> Lor2cConfig:
+        return cls(kind=section["type"], rank=int(section["rank"]), alpha=float(section["alpha"]),
+                   score=section.get("score", "top-share"), top_k=int(section.get("top_k", 1)),
+                   changes=section.get("changes"), interval=section.get("interval"))
 
 
 class ResidualPath(nn.Module):
@@ -105,6 +153,15 @@ class LoraLinear(nn.Module):
         return self.base(inputs) + self.scaling * self.adapter.up(self.adapter.down(inputs))
 
 
+class SidePathModule(nn.Module):
+    """Holds the paths as a submodule of the model (`rotaq_side_paths`), so their tensors are part of its
+    state dict: saved with the model, moved with it, and loaded strictly once the spans are rebuilt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths = nn.ModuleList()
+
+
 @dataclass
 class Lor2cPaths:
     """The paths installed in one model, the hooks that run them, and any injected LoRA."""
@@ -112,13 +169,31 @@ class Lor2cPaths:
     config: Lor2cConfig
     family: DecoderFamily
     layers: nn.ModuleList
-    paths: nn.ModuleList
-    generator: torch.Generator
+    module: SidePathModule
+    seed: int = 0
     injected: dict[str, LoraLinear] = field(default_factory=dict)
-    shared_A: nn.Parameter | None = None  # share-lor2c: the one A of every path
     reset_hook: RemovableHandle | None = None
     _inputs: dict[int, Tensor] = field(default_factory=dict)
     _hooks: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def paths(self) -> nn.ModuleList:
+        return self.module.paths
+
+    @property
+    def shared_A(self) -> nn.Parameter | None:
+        """share-lor2c: the one A of every path (owned by the first path)."""
+        return self.paths[0].lora_A if self.config.kind == SHARE_LOR2C and len(self.paths) else None
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(path.first, path.last) for path in self.paths]
+
+    def injected_layers(self) -> list[int]:
+        return sorted({int(path.split(".")[-3]) for path in self.injected})
+
+    def describe(self) -> dict[str, Any]:
+        """The structure, to rebuild it before tensors are loaded (checkpoints, stage folders)."""
+        return {"spans": [list(span) for span in self.spans()], "injected_layers": self.injected_layers()}
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """Every trainable tensor once (a shared A counts once), paths first, then injected LoRA."""
@@ -133,9 +208,22 @@ class Lor2cPaths:
     def parameter_count(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
 
+    def named_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        """Every trainable tensor under its (first) name in the model's state dict."""
+        own = {id(parameter) for parameter in self.parameters()}
+        return {name: parameter.detach() for name, parameter in model.named_parameters() if id(parameter) in own}
+
     def scores(self) -> list[float]:
         """One score per path, in path order (see the module docstring)."""
         return [path_score(path, self.config) for path in self.paths]
+
+    def change_structure(self) -> list[nn.Parameter]:
+        """One scheduled change of merge-lor2c or inject-lor2c; returns the new parameters."""
+        if self.config.kind == MERGE_LOR2C:
+            return self.merge_weakest_pair()
+        if self.config.kind == INJECT_LOR2C:
+            return self.inject_lora()[1]
+        raise RotaqError(f"{self.config.kind} has no structure changes")
 
     def merge_weakest_pair(self) -> list[nn.Parameter]:
         """Replace the adjacent pair (p, q), last(p) + 1 = first(q), with the smallest summed score by one path
@@ -148,8 +236,7 @@ class Lor2cPaths:
         index = min(pairs, key=lambda i: scores[i] + scores[i + 1])
         first, last = self.paths[index].first, self.paths[index + 1].last
         merged = self._new_path(first, last)
-        kept = [*self.paths[:index], merged, *self.paths[index + 2:]]
-        self.paths = nn.ModuleList(kept)
+        self.module.paths = nn.ModuleList([*self.paths[:index], merged, *self.paths[index + 2:]])
         self._rehook()
         return [merged.lora_A, merged.lora_B] if self.config.kind != SHARE_LOR2C else [merged.lora_B]
 
@@ -159,40 +246,57 @@ class Lor2cPaths:
         scores = self.scores()
         index = max(range(len(scores)), key=scores.__getitem__)
         layer = self.paths[index].first
-        self.paths = nn.ModuleList([path for i, path in enumerate(self.paths) if i != index])
+        self.module.paths = nn.ModuleList([path for i, path in enumerate(self.paths) if i != index])
         self._rehook()
+        return layer, self._inject_at(layer)
+
+    def _inject_at(self, layer: int) -> list[nn.Parameter]:
         added: list[nn.Parameter] = []
-        for projection in INJECT_TARGETS:
+        for number, projection in enumerate(INJECT_TARGETS):
             path = f"{self.family.layers}.{layer}.{projection}"
             base = self.layers[layer].get_submodule(projection)
             if isinstance(base, LoraLinear):
                 continue
             adapter = LowRankAdapter(base.in_features, base.out_features, self.config.rank, 0.0,
                                      dtype=base.weight.dtype)
-            adapter.reset_parameters(self.generator)
+            adapter.reset_parameters(self._generator(layer, layer, 1 + number))
             adapter.to(base.weight.device)
             wrapped = LoraLinear(base, adapter, self.config.scaling)
             set_submodule(self.layers[layer], projection, wrapped)
             self.injected[path] = wrapped
             added += list(adapter.parameters())
-        return layer, added
+        return added
+
+    def _generator(self, first: int, last: int, salt: int = 0) -> torch.Generator:
+        """A generator per span (and injected projection): a path's initial A depends only on the seed and
+        where it sits, so a run resumed after a merge initialises what an uninterrupted run would."""
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + first) * 1009 + last) * 7 + salt)
 
     def _new_path(self, first: int, last: int) -> ResidualPath:
         """A (Kaiming, or the shared one) and a zero B: the new path adds nothing until B is trained."""
-        hidden = self._hidden_size()
+        hidden = self.hidden_size()
         reference = next(self.layers[first].parameters())
         lora_A = self.shared_A
         if lora_A is None:
             initial = torch.empty(self.config.rank, hidden, dtype=reference.dtype)
-            nn.init.kaiming_uniform_(initial, a=5 ** 0.5, generator=self.generator)
+            nn.init.kaiming_uniform_(initial, a=5 ** 0.5, generator=self._generator(first, last))
             lora_A = nn.Parameter(initial.to(reference.device))
-            if self.config.kind == SHARE_LOR2C:
-                self.shared_A = lora_A
         lora_B = nn.Parameter(torch.zeros(hidden, self.config.rank, dtype=reference.dtype, device=reference.device))
         return ResidualPath(first, last, lora_A, lora_B, self.config.scaling)
 
-    def _hidden_size(self) -> int:
+    def hidden_size(self) -> int:
         return int(self.layers[0].get_submodule(INJECT_TARGETS[0]).in_features)
+
+    def build(self, spans: list[tuple[int, int]], injected_layers: list[int] = ()) -> None:
+        """Set the paths to `spans` (fresh initialisation) and LoRA on the injected layers, then hook them."""
+        self.module.paths = nn.ModuleList()
+        for first, last in spans:
+            if not 0 <= first <= last < len(self.layers):
+                raise ArtifactError(f"LoR2C span {first}..{last} does not fit a model with {len(self.layers)} layers")
+            self.paths.append(self._new_path(first, last))
+        for layer in injected_layers:
+            self._inject_at(int(layer))
+        self._rehook()
 
     def _rehook(self) -> None:
         for handle in self._hooks:
@@ -208,8 +312,20 @@ class Lor2cPaths:
         for index, paths in sorted(ends.items()):
             self._hooks.append(self.layers[index].register_forward_hook(_add_paths(self._inputs, paths)))
 
+    @contextmanager
+    def layer_by_layer(self) -> Iterator[LayerByLayer]:
+        """Run the paths for a caller that feeds the decoder layers one at a time over many batches (GPTQ
+        calibration), where the hooks would see layer i for every batch before layer j for any."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        try:
+            yield LayerByLayer(list(self.paths))
+        finally:
+            self._rehook()
+
     def remove(self, model: nn.Module) -> None:
-        """Detach every hook and injected wrapper (the base linears go back in place)."""
+        """Detach every hook, the path module and every injected wrapper (the base linears go back in place)."""
         for handle in [*self._hooks, *([self.reset_hook] if self.reset_hook else [])]:
             handle.remove()
         self._hooks.clear()
@@ -217,6 +333,42 @@ class Lor2cPaths:
             set_submodule(model, path, wrapped.base)
         self.injected.clear()
         vars(model).pop(_ATTRIBUTE, None)
+        if SIDE_PATHS in model._modules:
+            delattr(model, SIDE_PATHS)
+
+    def fold_injected(self, model: nn.Module) -> dict[str, Tensor]:
+        """Fold every injected LoRA into its base weight (W + s·B·A, exact); returns the new weights by path."""
+        merged = {}
+        with torch.no_grad():
+            for path, wrapped in self.injected.items():
+                wrapped.base.weight.add_(wrapped.scaling * wrapped.adapter.delta_weight().to(wrapped.base.weight.dtype))
+                merged[path] = wrapped.base.weight.detach()
+                set_submodule(model, path, wrapped.base)
+        self.injected.clear()
+        return merged
+
+
+@dataclass
+class LayerByLayer:
+    """The side paths for layer-at-a-time execution: keep the input batches of every path's first layer,
+    add each path's product to the output batches of its last layer."""
+
+    paths: list[ResidualPath]
+    kept: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def before_layer(self, index: int, hidden_states: list[Tensor]) -> None:
+        if any(path.first == index for path in self.paths):
+            self.kept[index] = list(hidden_states)
+
+    @torch.no_grad()
+    def after_layer(self, index: int, outputs: list[Tensor]) -> list[Tensor]:
+        ending = [path for path in self.paths if path.last == index]
+        for path in ending:
+            outputs = [output + path(kept) for output, kept in zip(outputs, self.kept[path.first])]
+        for first in [first for first in self.kept if all(path.last <= index for path in self.paths
+                                                           if path.first == first)]:
+            del self.kept[first]  # no path still needs this layer's inputs
+        return outputs
 
 
 def _hidden_argument(args: tuple, kwargs: dict[str, Any]) -> Tensor:
@@ -251,14 +403,18 @@ def path_score(path: ResidualPath, config: Lor2cConfig) -> float:
     return float(singular[:config.top_k].sum()) / total if total > 0 else 0.0
 
 
-def install_lor2c(model: nn.Module, family: DecoderFamily, config: Lor2cConfig, seed: int = 0) -> Lor2cPaths:
-    """One zero-effect path per decoder layer (A shared for share-lor2c); returns the installed paths."""
+def install_lor2c(model: nn.Module, family: DecoderFamily, config: Lor2cConfig, seed: int = 0,
+                  spans: list[tuple[int, int]] | None = None, injected_layers: list[int] = ()) -> Lor2cPaths:
+    """Zero-effect paths (default: one per decoder layer; A shared for share-lor2c), plus LoRA on the given
+    injected layers; returns the installed paths."""
     if _ATTRIBUTE in vars(model):
         raise RotaqError("this model already has LoR2C paths")
     layers = decoder_layers(model, family)
-    installed = Lor2cPaths(config, family, layers, nn.ModuleList(), torch.Generator().manual_seed(seed))
-    installed.paths = nn.ModuleList([installed._new_path(index, index) for index in range(len(layers))])
-    installed._rehook()
+    module = SidePathModule()
+    installed = Lor2cPaths(config, family, layers, module, seed)
+    installed.build(spans if spans is not None else [(index, index) for index in range(len(layers))],
+                    list(injected_layers))
+    model.add_module(SIDE_PATHS, module)
     # A new forward pass starts with no kept inputs, so nothing of the last pass (or its graph) lingers.
     installed.reset_hook = model.register_forward_pre_hook(lambda module, args: installed._inputs.clear())
     vars(model)[_ATTRIBUTE] = installed
@@ -269,3 +425,28 @@ def lor2c_parameter_count(hidden: int, layers: int, config: Lor2cConfig) -> int:
     """Trainable parameters at install time: (A + B) per layer, or one shared A plus a B per layer."""
     shared = config.kind == SHARE_LOR2C
     return (1 if shared else layers) * config.rank * hidden + layers * hidden * config.rank
+
+
+def lor2c_paths(model: nn.Module) -> Lor2cPaths | None:
+    """The LoR2C paths installed in `model`, or None."""
+    return vars(model).get(_ATTRIBUTE)
+
+
+def install_lor2c_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> Lor2cPaths:
+    """Rebuild the paths (and injected LoRA) a manifest section describes; tensors are loaded afterwards."""
+    return install_lor2c(model, family, Lor2cConfig.from_section(section),
+                         spans=[tuple(span) for span in section["spans"]],
+                         injected_layers=section.get("injected_layers", []))
+
+
+def side_path_section(paths: Lor2cPaths) -> dict[str, Any]:
+    """The manifest's 'side_paths' section of a merged model: what rebuilds the paths and what they cost.
+
+    Per token a path of rank r on hidden width h costs two matmuls, h·r and r·h multiply-adds: 4·r·h FLOPs
+    (a shared A is still applied once per path, to that path's own input).
+    """
+    hidden = paths.hidden_size()
+    flops = 4 * paths.config.rank * hidden * len(paths.paths)
+    return {**paths.config.to_section(), "spans": [list(span) for span in paths.spans()],
+            "shared_A": paths.config.kind == SHARE_LOR2C, "parameters": paths.parameter_count(),
+            "flops_per_token": flops}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from adapters.config import AdapterConfig
+from adapters.lor2c import LOR2C_TYPES, lor2c_paths, side_path_section
 from adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
 from adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
 from eval.metrics import evaluate
@@ -59,12 +60,12 @@ def run_merge(options: MergeOptions) -> tuple[Path, dict[str, Any]]:
     """Write the merged folder; returns it with the manifest's 'merge' section (method and measured error)."""
     adapted = load_model(options.model)
     section = _adapters_section(adapted, options.model)
+    if section["type"] in LOR2C_TYPES:
+        return _merge_lor2c(options, adapted, section)
     config = AdapterConfig.from_section(section)
     set_fake_quantization(adapted.model, None)  # the merge error is measured in float; QAT is recorded below
     installed = installed_adapters(adapted.model)
-    training_options = adapted.manifest.get("options") or {}
-    data = DataSpec(options.data or training_options.get("data"),
-                    options.seq_len or training_options.get("seq_len") or 256)
+    data = _merge_data(options, adapted)
     method = options.method if config.has_shortcuts else "exact"
 
     merged = load_model(options.model)
@@ -74,22 +75,53 @@ def run_merge(options: MergeOptions) -> tuple[Path, dict[str, Any]]:
         maps = paper_shortcut_maps(installed, _norm_ratios(section)) if method == "paper" else {}
         remove_adapters(merged.model, merged_weights(installed, maps))
         calibration = None
-    eval_windows = load_split_windows(DataSpec(data.source, data.seq_len, options.eval_tokens), adapted.tokenizer,
-                                      "evaluation")
     merge_section = {"adapter_type": config.kind, "method": method, "exact": not config.has_shortcuts,
                      "qat": config.qat, "adapters": {k: section[k] for k in ("targets", "rank", "alpha", "pre_num")},
-                     "error": merge_error(merged.model, adapted.model, eval_windows, options.batch_size),
-                     "evaluation": {"data": data.source or "default", "seq_len": data.seq_len,
-                                    "windows": int(eval_windows.shape[0]),
-                                    "windows_sha256": windows_fingerprint(eval_windows)}}
+                     **_measured_error(merged.model, adapted, data, options)}
     if calibration:
         merge_section["calibration"] = calibration
+    return _write_merged(options, adapted, merged, merge_section, {}), merge_section
+
+
+def _merge_data(options: MergeOptions, adapted: LoadedModel) -> DataSpec:
+    """The text and window length of the training run unless the caller names others."""
+    training_options = adapted.manifest.get("options") or {}
+    return DataSpec(options.data or training_options.get("data"),
+                    options.seq_len or training_options.get("seq_len") or 256)
+
+
+def _measured_error(merged: nn.Module, adapted: LoadedModel, data: DataSpec, options: MergeOptions) -> dict[str, Any]:
+    """The merge section's 'error' (merged against adapted on held-out windows) and where it was measured."""
+    eval_windows = load_split_windows(DataSpec(data.source, data.seq_len, options.eval_tokens), adapted.tokenizer,
+                                      "evaluation")
+    return {"error": merge_error(merged, adapted.model, eval_windows, options.batch_size),
+            "evaluation": {"data": data.source or "default", "seq_len": data.seq_len,
+                           "windows": int(eval_windows.shape[0]), "windows_sha256": windows_fingerprint(eval_windows)}}
+
+
+def _write_merged(options: MergeOptions, adapted: LoadedModel, merged: LoadedModel, merge_section: dict[str, Any],
+                  sections: dict[str, Any]) -> Path:
     manifest = new_manifest("merge", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                             adapted.source, adapted.manifest)
     if "rotation" in adapted.manifest:
         manifest["rotation"] = adapted.manifest["rotation"]
+    manifest.update(sections)
     manifest["merge"] = merge_section
-    return write_model_artifact(options.out, merged.model, merged.tokenizer, manifest), merge_section
+    return write_model_artifact(options.out, merged.model, merged.tokenizer, manifest)
+
+
+def _merge_lor2c(options: MergeOptions, adapted: LoadedModel, section: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Fold injected LoRA into q_proj / v_proj (exact); keep the paths, which span nonlinear layers and so fold
+    into no weight, as low-rank side paths that the quantize and export stages carry."""
+    merged = load_model(options.model)
+    paths = lor2c_paths(merged.model)
+    folded = sorted(paths.fold_injected(merged.model))
+    side_paths = side_path_section(paths)
+    merge_section = {"adapter_type": section["type"], "method": "exact", "exact": True, "qat": None,
+                     "folded_lora": folded, "side_paths": len(paths.paths),
+                     "side_path_parameters": side_paths["parameters"],
+                     **_measured_error(merged.model, adapted, _merge_data(options, adapted), options)}
+    return _write_merged(options, adapted, merged, merge_section, {"side_paths": side_paths}), merge_section
 
 
 def _adapters_section(loaded: LoadedModel, reference: str) -> dict[str, Any]:

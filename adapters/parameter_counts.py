@@ -13,13 +13,14 @@ from typing import Any
 from torch import nn
 
 from adapters.config import ADAPTER_TYPES, resolve_targets
-from adapters.lor2c import INJECT_LOR2C, INJECT_TARGETS, LOR2C, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig, \
-    lor2c_parameter_count
+from adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, INJECT_TARGETS, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
+                            Lor2cConfig, lor2c_parameter_count)
 from pipeline.families import DecoderFamily, decoder_layers
 
 
 def adapter_parameter_counts(model: nn.Module, family: DecoderFamily, rank: int, targets: str | None = None,
-                             merges: int = 1, injections: int = 1) -> list[dict[str, Any]]:
+                             merges: int = DEFAULT_CHANGES[MERGE_LOR2C],
+                             injections: int = DEFAULT_CHANGES[INJECT_LOR2C]) -> list[dict[str, Any]]:
     """One row per adapter type: trainable parameters and their ratio to LoRA's at the same rank."""
     layers = decoder_layers(model, family)
     first = layers[0]

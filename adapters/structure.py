@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from adapters.chain import ProjectionChain, refuse_reentrant_checkpointing
 from adapters.config import LORA, AdapterConfig
 from adapters.layers import AdaptedLinear, LowRankAdapter
+from adapters.lor2c import LOR2C_TYPES, install_lor2c_structure, lor2c_paths
 from adapters.qat import FakeQuantizers
 from pipeline.errors import ArtifactError, RotaqError
 from pipeline.families import DecoderFamily, decoder_layers, set_submodule
@@ -102,7 +103,10 @@ def _check_targets(layers: nn.ModuleList, config: AdapterConfig) -> None:
 
 def install_adapter_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> None:
     """Rebuild the adapter modules a finetune folder describes; their tensors are loaded afterwards."""
-    install_adapters(model, family, AdapterConfig.from_section(section))
+    if section["type"] in LOR2C_TYPES:
+        install_lor2c_structure(model, family, section)
+    else:
+        install_adapters(model, family, AdapterConfig.from_section(section))
 
 
 def installed_adapters(model: nn.Module) -> InstalledAdapters:
@@ -114,7 +118,9 @@ def installed_adapters(model: nn.Module) -> InstalledAdapters:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor, under its name in the model's state dict."""
+    """Every adapter tensor (or LoR2C tensor), under its name in the model's state dict."""
+    if (paths := lor2c_paths(model)) is not None:
+        return paths.named_tensors(model)
     return {f"{path}.adapter.{name}": tensor.detach()
             for path, linear in installed_adapters(model).adapted_linears()
             for name, tensor in linear.adapter.state_dict().items()}
@@ -135,7 +141,10 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 def mark_only_adapters_trainable(model: nn.Module) -> list[nn.Parameter]:
     """Freeze the base model; return the adapter parameters, in a fixed order, for the optimizer."""
     model.requires_grad_(False)
-    parameters = [p for _, linear in installed_adapters(model).adapted_linears() for p in linear.adapter.parameters()]
+    if (paths := lor2c_paths(model)) is not None:
+        parameters = list(paths.parameters())
+    else:
+        parameters = [p for _, linear in installed_adapters(model).adapted_linears() for p in linear.adapter.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
     return parameters

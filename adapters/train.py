@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from adapters.checkpoint import CheckpointFolder, TrainingState
 from adapters.input_norms import InputNormHistory, norm_ratios
+from adapters.lor2c import Lor2cPaths, lor2c_paths
 from adapters.structure import adapter_state_dict, installed_adapters, mark_only_adapters_trainable
 from eval.metrics import evaluate
 from pipeline.errors import NonFiniteError, RotaqError
@@ -105,14 +106,19 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
     """Train the adapters installed in `model` for `config.steps` optimizer steps (from a checkpoint if given)."""
     started = time.perf_counter()
     model.to(accelerator.device)  # before the optimizer exists, so a restored optimizer state lands there too
-    installed = installed_adapters(model)
+    side_paths = lor2c_paths(model)
+    installed = None if side_paths is not None else installed_adapters(model)
+    change_steps = _structure_change_steps(side_paths, config, accelerator)
+    if resume_from is not None and side_paths is not None:
+        side_paths.build(*checkpoints.saved_structure(resume_from))
     parameters = mark_only_adapters_trainable(model)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _cosine_schedule(optimizer, config)
     norm_history = InputNormHistory(installed)
-    installed.track_input_norms(installed.config.has_shortcuts)
+    if installed is not None:
+        installed.track_input_norms(installed.config.has_shortcuts)
     _seed_process(config.seed, accelerator.process_index)
     state = TrainingState(step=0, log=new_log(), input_norms=norm_history.state_dict())
     if resume_from is not None:
@@ -135,20 +141,57 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
             state.log["train_time_s"] += record["time_s"]
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
+            if state.step in change_steps:
+                parameters, optimizer, scheduler = _change_structure(model, side_paths, optimizer, scheduler, config,
+                                                                     state)
             finished = state.step == config.steps
             if finished or (config.eval_every and state.step % config.eval_every == 0):
                 _log_evaluation(model, eval_windows, config, state, accelerator)
             if finished or (config.save_every and state.step % config.save_every == 0):
                 state.log["wall_time_s"] = wall_offset + time.perf_counter() - started
                 state.input_norms = norm_history.state_dict()
-                checkpoints.save(state, model, optimizer, scheduler)
+                checkpoints.save(state, model, optimizer, scheduler,
+                                 side_paths.describe() if side_paths is not None else None)
     finally:
         bar.close()
-        installed.track_input_norms(False)
+        if installed is not None:
+            installed.track_input_norms(False)
         if config.gradient_checkpointing:
             model.activation_checkpointing_disable()
         model.eval()
     return _finish(model, state, norm_history, wall_offset + time.perf_counter() - started, accelerator)
+
+
+def _structure_change_steps(side_paths: Lor2cPaths | None, config: TrainConfig, accelerator: Any) -> list[int]:
+    """The steps after which merge-lor2c / inject-lor2c change their paths (none for other adapters)."""
+    if side_paths is None:
+        return []
+    steps = side_paths.config.change_steps(config.steps, len(side_paths.layers))
+    if steps and accelerator.num_processes > 1:
+        raise RotaqError(f"{side_paths.config.kind} changes its parameters during training, which data-parallel "
+                         "training cannot follow; train it in one process")
+    return steps
+
+
+def _change_structure(model: nn.Module, side_paths: Lor2cPaths, optimizer: torch.optim.Optimizer, scheduler: Any,
+                      config: TrainConfig, state: TrainingState) -> tuple[list[nn.Parameter], Any, Any]:
+    """Merge or inject once, then rebuild the optimizer over the parameters now present: the survivors keep
+    their Adam moments, the new ones start fresh, and the learning-rate schedule goes on where it was."""
+    scores = side_paths.scores()
+    side_paths.change_structure()
+    parameters = mark_only_adapters_trainable(model)
+    rebuilt = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    for parameter in parameters:
+        if parameter in optimizer.state:
+            rebuilt.state[parameter] = optimizer.state[parameter]
+    rebuilt_scheduler = _cosine_schedule(rebuilt, config)
+    rebuilt_scheduler.load_state_dict(scheduler.state_dict())
+    for group, lr in zip(rebuilt.param_groups, rebuilt_scheduler.get_last_lr()):
+        group["lr"] = lr
+    state.log.setdefault("structure_changes", []).append({
+        "step": state.step, "kind": side_paths.config.kind, "scores_before": scores, **side_paths.describe(),
+        "trainable_parameters": side_paths.parameter_count()})
+    return parameters, rebuilt, rebuilt_scheduler
 
 
 def _cosine_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
@@ -234,9 +277,9 @@ def _finish(model: nn.Module, state: TrainingState, norm_history: InputNormHisto
     log.update(wall_time_s=wall_time, processes=accelerator.num_processes, process_adapter_sha256=digests,
                tokens_per_s=log["train_tokens"] / log["train_time_s"] if log["train_time_s"] else None)
     ratios = None
-    if norm_history.history:
+    if norm_history.history and norm_history.installed is not None:
         mean_norms = {projection: accelerator.reduce(torch.tensor(norms, dtype=torch.float64,
                                                                   device=accelerator.device), reduction="mean")
                       for projection, norms in norm_history.mean_norms().items()}
-        ratios = norm_ratios({p: n.cpu().tolist() for p, n in mean_norms.items()}, installed_adapters(model).config)
+        ratios = norm_ratios({p: n.cpu().tolist() for p, n in mean_norms.items()}, norm_history.installed.config)
     return TrainResult(log=log, input_norm_ratios=ratios)

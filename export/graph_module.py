@@ -167,6 +167,38 @@ class DecoderLayer(nn.Module):
         return hidden_states, key, value
 
 
+class SidePath(nn.Module):
+    """A LoR2C side path as two MatMuls: (h_in · Aᵀ) · (s·Bᵀ), added to the output of layer `last`.
+
+    Kept in float: its initializers are not named `weight_t`, so the quantized-kernel rewrite leaves them.
+    """
+
+    def __init__(self, first: int, last: int, down_t: nn.Parameter, up_t: nn.Parameter) -> None:
+        super().__init__()
+        self.first, self.last = first, last
+        self.down_t, self.up_t = down_t, up_t
+
+    def forward(self, hidden_in: torch.Tensor) -> torch.Tensor:
+        return (hidden_in @ self.down_t) @ self.up_t
+
+
+def side_paths_of(model: nn.Module) -> nn.ModuleList:
+    """The model's LoR2C side paths for the graph; one Aᵀ initializer for a shared A."""
+    from adapters.lor2c import lor2c_paths
+
+    installed = lor2c_paths(model)
+    if installed is None:
+        return nn.ModuleList()
+    downs: dict[int, nn.Parameter] = {}
+    paths = nn.ModuleList()
+    for path in installed.paths:
+        if id(path.lora_A) not in downs:
+            downs[id(path.lora_A)] = nn.Parameter(path.lora_A.detach().t().contiguous(), requires_grad=False)
+        up_t = nn.Parameter((path.scaling * path.lora_B.detach()).t().contiguous(), requires_grad=False)
+        paths.append(SidePath(path.first, path.last, downs[id(path.lora_A)], up_t))
+    return paths
+
+
 class DecoderGraph(nn.Module):
     """The whole causal LM with an explicit KV cache; see the module docstring for the convention."""
 
@@ -186,6 +218,7 @@ class DecoderGraph(nn.Module):
             DecoderLayer(layer, f"{family.layers}.{index}", family, emitters, _sliding_window(config, index))
             for index, layer in enumerate(decoder_layers(model, family)))
         self.norm = RMSNorm(model.get_submodule(family.final_norm))
+        self.side_paths = side_paths_of(model)
         lm_head = model.get_submodule(family.lm_head)
         # A tied head reads the embedding matrix through a Transpose rather than storing a second copy.
         tied = lm_head.weight is embed.weight
@@ -225,9 +258,15 @@ class DecoderGraph(nn.Module):
         else:
             hidden_states = F.embedding(input_ids, self.embed_codes).float() * F.embedding(input_ids, self.embed_scales)
         present: list[torch.Tensor] = []
+        path_inputs: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
+            if any(path.first == index for path in self.side_paths):
+                path_inputs[index] = hidden_states
             hidden_states, key, value = layer(hidden_states, cos, sin, masks[layer.sliding_window],
                                               past_key_values[2 * index], past_key_values[2 * index + 1])
+            for path in self.side_paths:
+                if path.last == index:
+                    hidden_states = hidden_states + path(path_inputs[path.first])
             present += [key, value]
         hidden_states = self.norm(hidden_states)
         logits = hidden_states @ self.embed_weight.t() if self.lm_head is None else self.lm_head(hidden_states)

@@ -19,10 +19,15 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def create_session(graph: Path | bytes, threads: int | None = None, provider: str = CPU) -> ort.InferenceSession:
+def create_session(graph: Path | bytes, threads: int | None = None, provider: str = CPU,
+                   profile_prefix: str | None = None) -> ort.InferenceSession:
     """A session with the export's session config (from a file or serialized bytes), or a clear
-    error if the graph does not load. A non-CPU provider keeps the CPU one as its fallback."""
+    error if the graph does not load. A non-CPU provider keeps the CPU one as its fallback.
+    `profile_prefix` turns on ORT's per-node profiling, written by `session.end_profiling()`."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     for key, value in SESSION_CONFIG.items():
         options.add_session_config_entry(key, value)
     if threads:
@@ -41,11 +46,12 @@ def create_session(graph: Path | bytes, threads: int | None = None, provider: st
 class OnnxDecoder:
     """Runs the exported decoder: prefill or decode steps with an explicit KV cache."""
 
-    def __init__(self, folder: Path, threads: int | None = None, provider: str = CPU) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, provider: str = CPU,
+                 profile_prefix: str | None = None) -> None:
         self.layout: ExportLayout = read_layout(folder)
         if not self.layout.graph_path.is_file():
             raise ArtifactError(f"{folder} lists {self.layout.graph_path.name} but the file is missing")
-        self.session = create_session(self.layout.graph_path, threads, provider)
+        self.session = create_session(self.layout.graph_path, threads, provider, profile_prefix)
         self._past_names = past_names(self.layout.num_layers)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

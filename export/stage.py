@@ -22,6 +22,7 @@ from export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, O
 from export.onnx_export import export_onnx
 from export.quantized import emitters_for, quantized_weights
 from export.runtime import OnnxDecoder
+from export.side_path_cost import profiled_share, side_path_flops
 from pipeline.artifacts import package_versions, sha256_file, staged_folder
 from pipeline.loading import LoadedModel, load_model
 
@@ -68,6 +69,8 @@ def run_export(options: ExportOptions) -> Path:
         if graph.quantized_linears():
             checks["quantized_layers_max_rel_error"] = check_quantized_layers(graph, tokens)
         checks.update(check_runtime(OnnxDecoder(tmp), graph, tokens, options.decode_steps))
+        if len(graph.side_paths):
+            manifest["side_paths"] = {**side_path_flops(graph), "profile": profiled_share(tmp)}
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp))
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"stage": "export"}) + "\n")

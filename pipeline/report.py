@@ -145,19 +145,35 @@ def _adapter_section(run: RunFiles) -> list[Block]:
         training = adapters.get("training") or {}
         rows += _quantities("fine-tuning", {
             "adapter": adapters.get("type"), "rank": adapters.get("rank"), "alpha": adapters.get("alpha"),
-            "qat": adapters.get("qat"), **{k: training.get(k) for k in (
-                "steps", "final_loss", "eval_perplexity_before", "eval_perplexity_after", "tokens_per_s",
-                "wall_time_s")}})
+            "qat": adapters.get("qat"), "trainable_parameters": adapters.get("trainable_parameters"),
+            "lor2c_paths": len(adapters["spans"]) if "spans" in adapters else None,
+            "lor2c_changes_at_steps": [c["step"] for c in adapters.get("structure_changes", [])] or None,
+            **{k: training.get(k) for k in ("steps", "final_loss", "eval_perplexity_before", "eval_perplexity_after",
+                                            "tokens_per_s", "wall_time_s")}})
     for entry in run.stages("merge"):
         merge = (run.json(entry["done_file"]) or {}).get("merge") or {}
         rows += _quantities("merge", {"method": merge.get("method"), "exact": merge.get("exact"),
-                                      **(merge.get("error") or {})})
+                                      "side_paths_kept": merge.get("side_paths"), **(merge.get("error") or {})})
+    for entry in run.stages("export"):
+        rows += _side_path_cost(entry["name"], (run.json(entry["done_file"]) or {}).get("side_paths"))
     if not rows:
         return []
     return [Heading("Fine-tuning and merge"),
             Paragraph("The merge error compares the merged model with the unmerged adapted one on held-out "
                       "windows (KL and top-1 against the adapted model)."),
             Table(rows, ["step", "quantity", "value"])]
+
+
+def _side_path_cost(step: str, side_paths: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """LoR2C side paths in one exported graph: FLOPs per token and their measured share of ORT's kernel time."""
+    if not side_paths:
+        return []
+    profile = side_paths.get("profile") or {}
+    return _quantities(step, {
+        "side_paths": side_paths["count"], "side_path_flops_per_token": side_paths["flops_per_token"],
+        "side_path_flops_share": side_paths["flops_share"],
+        **{f"side_path_{phase}_ms": profile[phase]["side_path_ms"] for phase in ("prefill", "decode") if phase in profile},
+        **{f"side_path_{phase}_time_share": profile[phase]["share"] for phase in ("prefill", "decode") if phase in profile}})
 
 
 def _quantities(step: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:

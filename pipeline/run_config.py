@@ -52,8 +52,15 @@ def _weight_methods() -> Sequence[str]:
 
 def _adapter_types() -> Sequence[str]:
     from adapters.config import ADAPTER_TYPES
+    from adapters.lor2c import LOR2C_TYPES
 
-    return ADAPTER_TYPES
+    return ADAPTER_TYPES + LOR2C_TYPES
+
+
+def _lor2c_scores() -> Sequence[str]:
+    from adapters.lor2c import SCORE_METHODS
+
+    return SCORE_METHODS
 
 
 def _merge_methods() -> Sequence[str]:
@@ -107,7 +114,8 @@ class FinetuneConfig:
     """finetune: train (Res)LoRA adapters on the frozen rotated weights; the merge stage then folds them in."""
 
     enabled: bool = setting(True, "run the finetune and merge stages")
-    adapter: str = setting("lora", "lora, reslora-is, reslora-bs or reslora-ms", choices=_adapter_types)
+    adapter: str = setting("lora", "lora, reslora-is/bs/ms, or a LoR2C type: lor2c, share-lor2c, merge-lor2c, "
+                                   "inject-lor2c", choices=_adapter_types)
     targets: str | None = setting(None, "comma-separated projections, e.g. q_proj,v_proj (null: all seven)")
     rank: int = setting(8, "adapter rank", minimum=1)
     alpha: float = setting(16.0, "scaling s = alpha / rank")
@@ -116,6 +124,12 @@ class FinetuneConfig:
                                   minimum=1)
     qat: str | None = setting(None, "train for a quantized deployment, e.g. w4a4 (null: plain float training)",
                               check=_scheme_problem)
+    lor2c_changes: int | None = setting(None, "merge-lor2c merges / inject-lor2c injections (null: 4 / 2)",
+                                        minimum=0)
+    lor2c_interval: int | None = setting(None, "steps between LoR2C merges / injections (null: spread evenly)",
+                                         minimum=1)
+    lor2c_score: str = setting("top-share", "LoR2C path score: top-share (share of the top singular value) or mean",
+                               choices=_lor2c_scores)
     steps: int = setting(100, "optimizer steps", minimum=1)
     lr: float = setting(0.0002, "peak learning rate")
     batch_size: int = setting(4, "windows per micro-batch", minimum=1)

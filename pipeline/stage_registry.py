@@ -109,7 +109,9 @@ def _finetune(api: ModuleType, call: StageCall) -> None:
     api.run_finetune(api.FinetuneOptions(
         model=call.inputs["model"], out=call.output, adapter=options["adapter"], targets=options["targets"],
         rank=options["rank"], alpha=options["alpha"], dropout=options["dropout"], pre_num=options["pre_num"],
-        qat=options["qat"], qat_act_clip_ratio=options["qat_act_clip_ratio"], training=training, data=options["data"], seq_len=options["seq_len"],
+        qat=options["qat"], qat_act_clip_ratio=options["qat_act_clip_ratio"], lor2c_changes=options["lor2c_changes"],
+        lor2c_interval=options["lor2c_interval"], lor2c_score=options["lor2c_score"], training=training,
+        data=options["data"], seq_len=options["seq_len"],
         eval_tokens=options["eval_tokens"], resume=True, checkpoint_dir=call.scratch,
         progress=call.show_progress))
 

@@ -23,6 +23,10 @@ def install_structure(model: nn.Module, family: DecoderFamily, manifest: dict[st
         from adapters.structure import install_adapter_structure
 
         install_adapter_structure(model, family, adapters)
+    if side_paths := manifest.get("side_paths"):
+        from adapters.lor2c import install_lor2c_structure
+
+        install_lor2c_structure(model, family, side_paths)
     if quantization := manifest.get("quantization"):
         from quantizers.structure import install_quantization_structure
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapters.lor2c import LayerByLayer, lor2c_paths
 from pipeline.errors import RotaqError
 from pipeline.families import DecoderFamily, decoder_layers
 from quantizers.calibration import (
+    LayerInputs,
     StopForward,
     capture_first_layer_inputs,
     recording_inputs,
@@ -154,24 +157,39 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
     spec = decoder_layer_spec(scheme)
     layer_specs = {path: kv_cache_spec(spec, scheme, model) if path in family.attention_inputs[1:] else spec
                    for path in family.decoder_linears}
-    for index, layer in enumerate(tqdm(layers, desc=f"quantize {scheme.name} ({settings.weights})",
-                                       disable=not settings.progress)):
-        prefix = f"{family.layers}.{index}"
-        wrapped = {path: install_quantized_linear(layer, path, layer_specs[path]) for path in family.decoder_linears}
-        if settings.weights == "gptq":
-            layer_codes = _quantize_layer_gptq(layer, prefix, wrapped, inputs, settings, family)
-            inputs.hidden_states = run_layer(layer, inputs)
-        else:
-            layer_codes = {}
-            for path, module in wrapped.items():
-                layer_codes[path] = _quantize_rtn(module, module.spec, scheme, f"{prefix}.{path}")
-                _set_dequantized(module, layer_codes[path])
-        for path, quantized in layer_codes.items():
-            codes[f"{prefix}.{path}"] = quantized
-            specs[f"{prefix}.{path}"] = layer_specs[path].to_dict()
+    side_paths = lor2c_paths(model)
+    with side_paths.layer_by_layer() if side_paths is not None and inputs is not None else nullcontext() as runner:
+        for index, layer in enumerate(tqdm(layers, desc=f"quantize {scheme.name} ({settings.weights})",
+                                           disable=not settings.progress)):
+            layer_codes = _quantize_layer(layer, index, layer_specs, inputs, runner, settings, family)
+            for path, quantized in layer_codes.items():
+                codes[f"{family.layers}.{index}.{path}"] = quantized
+                specs[f"{family.layers}.{index}.{path}"] = layer_specs[path].to_dict()
     if scheme.lm_head_bits is not None:
         _quantize_heads(model, family, scheme, codes, specs)
     return codes, specs
+
+
+def _quantize_layer(layer: nn.Module, index: int, layer_specs: dict[str, LayerQuantSpec], inputs: LayerInputs | None,
+                    side_paths: LayerByLayer | None, settings: QuantizeSettings,
+                    family: DecoderFamily) -> dict[str, QuantizedWeight]:
+    """Quantize one decoder layer's linears; with GPTQ, also move the calibration inputs past the layer (and
+    add the LoR2C side paths that end there, whose inputs layer-at-a-time execution has to keep itself)."""
+    prefix = f"{family.layers}.{index}"
+    wrapped = {path: install_quantized_linear(layer, path, layer_specs[path]) for path in family.decoder_linears}
+    if inputs is not None:
+        if side_paths is not None:
+            side_paths.before_layer(index, inputs.hidden_states)
+        layer_codes = _quantize_layer_gptq(layer, prefix, wrapped, inputs, settings, family)
+        inputs.hidden_states = run_layer(layer, inputs)
+        if side_paths is not None:
+            inputs.hidden_states = side_paths.after_layer(index, inputs.hidden_states)
+        return layer_codes
+    layer_codes = {}
+    for path, module in wrapped.items():
+        layer_codes[path] = _quantize_rtn(module, module.spec, settings.scheme, f"{prefix}.{path}")
+        _set_dequantized(module, layer_codes[path])
+    return layer_codes
 
 
 def _quantize_heads(model: nn.Module, family: DecoderFamily, scheme: QuantScheme,

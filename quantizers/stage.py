@@ -89,7 +89,7 @@ def run_quantize(options: QuantizeOptions) -> Path:
     started = time.perf_counter()
     codes, layer_specs = quantize_model(loaded.model, loaded.family, settings, windows)
     manifest = new_manifest("quantize", _options_dict(options), loaded.source, loaded.manifest)
-    for carried in ("rotation",):
+    for carried in ("rotation", "side_paths"):
         if loaded.manifest and carried in loaded.manifest:
             manifest[carried] = loaded.manifest[carried]
     manifest["quantization"] = {
@@ -103,6 +103,9 @@ def run_quantize(options: QuantizeOptions) -> Path:
         "codes_file": CODES_NAME,
         "layers": layer_specs,
     }
+    if loaded.manifest and "side_paths" in loaded.manifest:
+        # LoR2C side paths are rank-r matmuls on the float residual stream; they stay float32.
+        manifest["quantization"]["side_paths"] = "float32"
     tensors = codes_tensors(codes)
     return write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest,
                                 extra_writers={CODES_NAME: lambda path: save_file(tensors, str(path))})

@@ -46,6 +46,9 @@ def run_rotate(options: RotateOptions) -> Path:
     loaded = load_model(options.model)
     if loaded.manifest and loaded.manifest.get("rotation"):
         raise RotaqError(f"{options.model} is already rotated; rotate the original model instead")
+    if loaded.manifest and (loaded.manifest.get("side_paths") or loaded.manifest.get("adapters")):
+        raise RotaqError(f"{options.model} has adapters or LoR2C side paths, which a rotation would not carry; "
+                         "rotate the model before fine-tuning it")
     model = loaded.model
     reference = copy.deepcopy(model) if options.check else None
     logger.info("rotating %s (%s, seed %d)", loaded.source.get("name") or options.model, config.kind, config.seed)

@@ -143,7 +143,9 @@ def test_latency_gate_passes_the_same_model_and_fails_a_slowed_one(exports: dict
     models = (exports["fp32"], exports["w4a8"])
     assert _gate_run(models, tmp_path / "b0", "--save-baseline", str(baseline)) == 0
     for attempt in range(2):  # the same models against their own baseline pass, run after run
-        assert _gate_run(models, tmp_path / f"b{attempt + 1}", "--baseline", str(baseline)) == 0
+        # At 20%: sub-millisecond steps on a shared 2-core machine once moved a ratio by 12% (measured).
+        assert _gate_run(models, tmp_path / f"b{attempt + 1}", "--baseline", str(baseline),
+                         "--max-regression", "0.2") == 0
         assert "latency gate passed" in capsys.readouterr().out
     slowed = slowed_copy(exports["w4a8"], tmp_path / "slow" / exports["w4a8"].name)
     assert _gate_run((exports["fp32"], slowed), tmp_path / "b3", "--baseline", str(baseline)) == 1

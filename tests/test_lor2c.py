@@ -149,7 +149,8 @@ def test_dry_run_counts_match_the_installed_adapters() -> None:
 
     model, _ = _model_and_ids()
     family = family_for(model)
-    counts = {row["adapter"]: row["trainable_parameters"] for row in adapter_parameter_counts(model, family, 4)}
+    rows = adapter_parameter_counts(model, family, 4, merges=1, injections=1)
+    counts = {row["adapter"]: row["trainable_parameters"] for row in rows}
     lora_model, _ = _model_and_ids()
     install_adapters(lora_model, family, AdapterConfig(kind="lora", targets=family.decoder_linears, rank=4))
     assert counts["lora"] == counts["reslora-bs"] == sum(p.numel() for p in mark_only_adapters_trainable(lora_model))

@@ -152,13 +152,13 @@ def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: Adapter
     manifest = new_manifest("finetune", option_values, loaded.source, loaded.manifest)
     if "rotation" in parent:
         manifest["rotation"] = parent["rotation"]
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state_dict(loaded.model).items()}
     manifest["adapters"] = {**config.to_section(), "file": ADAPTERS_FILE,
+                            "trainable_parameters": sum(tensor.numel() for tensor in tensors.values()),
                             "input_norm_ratios": result.input_norm_ratios, "input_norm_batches": NORM_BATCHES,
                             "training": training_summary(result.log, eval_windows)}
     if (paths := lor2c_paths(loaded.model)) is not None:
-        manifest["adapters"].update(paths.describe(), trainable_parameters=paths.parameter_count(),
-                                    structure_changes=result.log.get("structure_changes", []))
-    tensors = {name: tensor.contiguous().cpu() for name, tensor in adapter_state_dict(loaded.model).items()}
+        manifest["adapters"].update(paths.describe(), structure_changes=result.log.get("structure_changes", []))
     write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest, extra_writers={
         ADAPTERS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
         TRAINING_LOG_FILE: lambda path: path.write_text(json.dumps(result.log, indent=1) + "\n"),

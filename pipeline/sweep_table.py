@@ -9,6 +9,7 @@ that stays comparable across variants benchmarked minutes apart); training time 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,12 @@ ACCURACY = "perplexity"
 FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
 _METRIC_COLUMNS = ["perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement", "decode_tokens_per_s",
                    "decode_speedup", "prefill_ms", "prefill_speedup", "file_mb", "size_ratio", "peak_rss_mb",
-                   "finetune_s", "pareto"]
+                   "finetune_s", "trainable_parameters", "pareto"]
 SUMMARY_COLUMNS = ["branch", "model", "perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement",
                    "decode_tokens_per_s", "decode_speedup", "prefill_speedup", "file_mb", "size_ratio"]
 SUMMARY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".3f", "ppl_vs_source": ".3f", "decode_speedup": ".2f",
-            "prefill_speedup": ".2f", "size_ratio": ".3f", "file_mb": ".1f", "finetune_s": ".0f"}
+            "prefill_speedup": ".2f", "size_ratio": ".3f", "file_mb": ".1f", "finetune_s": ".0f",
+            "trainable_parameters": ",d"}
 
 
 def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -51,6 +53,7 @@ def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> l
     chosen = [(FLOAT_BRANCH, float_rows[-1])] if float_rows else []
     chosen += [(row["scheme"] or row["model"], row) for row in evaluated if row.get("stage") == "quantize"]
     finetune_seconds = _stage_seconds(run, "finetune")
+    trainable = _trainable_parameters(run)
     rows = []
     for branch, evaluation in chosen:
         row: dict[str, Any] = {"variant": variant, **{key: yaml_value(value) for key, value in values.items()},
@@ -60,6 +63,7 @@ def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> l
             row["ppl_vs_source"] = evaluation["perplexity"] / source["perplexity"]
         row.update(_bench_numbers(run, branch))
         row["finetune_s"] = finetune_seconds
+        row["trainable_parameters"] = trainable
         row[IDENTITY] = _identity(run, evaluation["model"], branch)
         rows.append(row)
     return rows
@@ -95,6 +99,20 @@ def _stage_seconds(run: RunFiles, stage: str) -> float | None:
     entry = next(iter(run.stages(stage)), None)
     marker = read_marker(run.folder / entry["marker"]) if entry and "marker" in entry else None
     return marker.get("seconds") if marker and marker.get("key") == entry["key"] else None
+
+
+def _trainable_parameters(run: RunFiles) -> int | None:
+    """Elements of the fine-tune's adapters.safetensors (every trainable tensor once), read from its header."""
+    from safetensors import safe_open
+
+    from adapters.finetune import ADAPTERS_FILE
+
+    entry = next(iter(run.stages("finetune")), None)
+    path = run.folder / entry["output"] / ADAPTERS_FILE if entry else None
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as tensors:
+        return sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
 
 
 def _bench_numbers(run: RunFiles, branch: str) -> dict[str, Any]:

@@ -62,6 +62,7 @@ def test_folder_keeps_the_base_weights_and_reloads_the_adapted_model(rotated: Pa
     parent_tensors, folder_tensors = load_file(str(rotated / WEIGHTS_NAME)), load_file(str(out / WEIGHTS_NAME))
     adapters_only = adapter_tensors(out)
     assert set(folder_tensors) == set(parent_tensors) | set(adapters_only)
+    assert section["trainable_parameters"] == sum(tensor.numel() for tensor in adapters_only.values())
     assert all(torch.equal(folder_tensors[name], tensor) for name, tensor in parent_tensors.items())
 
     # The adapted function rebuilt by hand: the parent model plus the adapters file.

@@ -192,3 +192,14 @@ def _logits_pair(graph, model, tokens):
 
     with torch.no_grad():
         return graph_prefill_logits(graph, tokens), model(input_ids=tokens).logits
+
+
+def test_a_model_with_side_paths_is_not_fine_tuned_or_rotated_again(side_path_folder: Path, tiny_text_file: Path,
+                                                                     tmp_path: Path) -> None:
+    from rotations.stage import RotateOptions, run_rotate
+
+    with pytest.raises(RotaqError, match="carries LoR2C side paths"):
+        run_finetune(finetune_options(side_path_folder, tmp_path / "x", tiny_text_file, adapter="lora"))
+    with pytest.raises(RotaqError, match="already rotated"):
+        run_rotate(RotateOptions(model=str(side_path_folder), out=tmp_path / "y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

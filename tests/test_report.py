@@ -72,3 +72,15 @@ def test_sections_without_their_json_are_left_out(run_folder: Path) -> None:
     for absent in ("Latency", "Fine-tuning and merge", "Activation outliers", "report_files"):
         assert absent not in markdown
     assert not (run_folder / "report_files").exists()
+
+
+def test_side_path_cost_is_reported_from_the_export_manifest(run_folder: Path) -> None:
+    write_json(run_folder / "export-w4a4" / "export.json", {"side_paths": {
+        "count": 29, "flops_per_token": 531433, "flops_share": 0.00377,
+        "profile": {"prefill": {"side_path_ms": 0.4321, "share": 0.0123},
+                    "decode": {"side_path_ms": 0.0567, "share": 0.0089}}}})
+    write_report(run_folder)
+    markdown = (run_folder / "report.md").read_text()
+    section = markdown.split("## Fine-tuning and merge")[1].split("\n## ")[0]
+    for text in ("side_path_flops_per_token", "531433", "0.00377", "0.4321", "0.0567", "0.0123", "0.0089"):
+        assert text in section, text

@@ -106,7 +106,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="steps between merges / injections (default: spread evenly over training)")
     finetune.add_argument("--lor2c-score", default="top-share", choices=("top-share", "mean"),
                           help="path score from the singular values of s·B·A: share of the top-k, or their mean")
-    finetune.add_argument("--lor2c-top-k", type=int, default=1, help="singular values counted by --lor2c-score top-share")
+    finetune.add_argument("--lor2c-top-k", type=int, default=1,
+                          help="singular values counted by --lor2c-score top-share")
     finetune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint (refused if the settings differ)")

@@ -144,7 +144,8 @@ def mark_only_adapters_trainable(model: nn.Module) -> list[nn.Parameter]:
     if (paths := lor2c_paths(model)) is not None:
         parameters = list(paths.parameters())
     else:
-        parameters = [p for _, linear in installed_adapters(model).adapted_linears() for p in linear.adapter.parameters()]
+        parameters = [p for _, linear in installed_adapters(model).adapted_linears()
+                      for p in linear.adapter.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
     return parameters

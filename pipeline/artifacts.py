@@ -72,12 +72,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
                                "rerun the stage that writes it")
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # safetensors' Rust writer reports I/O failures as SafetensorError, with the OS error in its message.
+    return type(exc).__name__ == "SafetensorError" and any(
+        f"os error {number}" in str(exc) for number in (errno.ENOSPC, errno.EDQUOT))
+
+
 @contextlib.contextmanager
 def _disk_errors_explained(target: Path) -> Iterator[None]:
     try:
         yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if _is_disk_full(exc):
             raise RotaqError(f"disk full while writing {target}; nothing was replaced") from exc
         raise
 

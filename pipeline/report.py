@@ -169,11 +169,12 @@ def _side_path_cost(step: str, side_paths: Mapping[str, Any] | None) -> list[dic
     if not side_paths:
         return []
     profile = side_paths.get("profile") or {}
+    phases = [phase for phase in ("prefill", "decode") if phase in profile]
     return _quantities(step, {
         "side_paths": side_paths["count"], "side_path_flops_per_token": side_paths["flops_per_token"],
         "side_path_flops_share": side_paths["flops_share"],
-        **{f"side_path_{phase}_ms": profile[phase]["side_path_ms"] for phase in ("prefill", "decode") if phase in profile},
-        **{f"side_path_{phase}_time_share": profile[phase]["share"] for phase in ("prefill", "decode") if phase in profile}})
+        **{f"side_path_{phase}_ms": profile[phase]["side_path_ms"] for phase in phases},
+        **{f"side_path_{phase}_time_share": profile[phase]["share"] for phase in phases}})
 
 
 def _quantities(step: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:

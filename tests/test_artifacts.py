@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.artifacts import MANIFEST_NAME, new_manifest, read_manifest, verify_files, write_model_artifact
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, RotaqError
 from pipeline.families import family_for_model
 from pipeline.loading import load_model
 from rotations.rotate import RotationConfig, rotate_model
@@ -49,16 +49,23 @@ def test_folder_without_manifest_is_not_a_stage_folder(tmp_path: Path) -> None:
         read_manifest(tmp_path / "half")
 
 
-def test_failed_write_leaves_previous_folder_and_no_temp(tiny_hf_folder: Path, tmp_path: Path) -> None:
+class SafetensorError(Exception):
+    """Stands in for safetensors' own error type, which is how its Rust writer reports a full disk."""
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), SafetensorError(
+    "Error while serializing: I/O error: No space left on device (os error 28)")])
+def test_failed_write_leaves_previous_folder_and_no_temp(tiny_hf_folder: Path, tmp_path: Path,
+                                                         error: Exception) -> None:
     loaded = load_model(str(tiny_hf_folder))
     out = tmp_path / "model"
     write_model_artifact(out, loaded.model, loaded.tokenizer, new_manifest("test", {}, loaded.source, None))
     before = (out / MANIFEST_NAME).read_text()
 
     def failing_writer(path: Path) -> None:
-        raise OSError(28, "No space left on device")
+        raise error
 
-    with pytest.raises(Exception, match="disk full"):
+    with pytest.raises(RotaqError, match="disk full"):
         write_model_artifact(out, loaded.model, loaded.tokenizer, new_manifest("test2", {}, loaded.source, None),
                              extra_writers={"extra.bin": failing_writer})
     assert (out / MANIFEST_NAME).read_text() == before

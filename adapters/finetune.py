@@ -27,7 +27,6 @@ from adapters.train import TrainConfig, TrainResult, train_adapters
 from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, write_model_artifact
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import ArtifactError, RotaqError
-from pipeline.families import decoder_layers
 from pipeline.loading import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -76,8 +75,8 @@ def run_finetune(options: FinetuneOptions) -> Path:
     _refuse_unsuitable_parent(loaded, options.model)
     config = adapter_config(options, loaded)
     if isinstance(config, Lor2cConfig):
-        install_lor2c(loaded.model, loaded.family, config, seed=options.training.seed)
-        config.change_steps(options.training.steps, len(decoder_layers(loaded.model, loaded.family)))  # fail early
+        paths = install_lor2c(loaded.model, loaded.family, config, seed=options.training.seed)
+        config.change_steps(options.training.steps, len(paths.layers))  # a schedule that cannot fit fails here
     else:
         install_adapters(loaded.model, loaded.family, config, seed=options.training.seed)
     train_windows = load_split_windows(DataSpec(options.data, options.seq_len), loaded.tokenizer, "train")

@@ -9,7 +9,7 @@ DEMO   := runs/demo
 BENCH  := runs/bench
 SCHEMES := w8a8 w4a8 w4a16-g128 w4a4
 
-.PHONY: install test demo bench accuracy clean
+.PHONY: install test demo bench accuracy gate-check clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: install
 	test -d $(BENCH)/fp32-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/rotated --out $(BENCH)/fp32-onnx
 	$(VENV)/bin/rotaq bench $(BENCH)/fp32-onnx $(foreach s,$(SCHEMES),$(BENCH)/$(s)-onnx) --peer genai \
 	  --out $(BENCH)/results
+
+# gate-check: the latency gate's measured false-alarm and detection rates on the embedded model's W4A8 export
+# (20 self runs, 20 runs of a copy slowed 20% in decode, a busy core during half): runs/gate-check/gate-check.md.
+gate-check: install
+	$(PY) -m export.gate_check --out runs/gate-check
 
 clean:
 	rm -rf $(VENV) runs

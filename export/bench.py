@@ -10,11 +10,13 @@ measured on the ONNX graphs themselves, against the float32 graph, on the held-o
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import platform
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ class BenchOptions:
     threads: int | None = None
     repeats: int = 5
     warmup: int = 1
+    prefill_calls: int = 3  # a prefill sample is the best of this many calls (see bench_worker.serve)
     eager: bool = True
     cuda: bool = True  # also time on CUDA when onnxruntime-gpu and a GPU are present
     evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
@@ -60,7 +63,7 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if not self.models:
             raise RotaqError("bench needs at least one exported model folder")
-        if self.repeats < 1 or self.warmup < 0 or self.decode_tokens < 1 or self.cached_tokens < 1:
+        if self.repeats < 1 or self.prefill_calls < 1 or self.warmup < 0 or self.decode_tokens < 1 or self.cached_tokens < 1:
             raise RotaqError("bench: repeats, decode_tokens and cached_tokens must be at least 1, warmup at least 0")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise RotaqError(f"bench: prompt lengths {self.prompt_lengths} must be positive")
@@ -90,7 +93,7 @@ class Target:
     def for_export(cls, layout: ExportLayout, threads: int, provider: str = CPU) -> Target:
         return cls(_label(layout), TargetSpec(ONNX, str(layout.folder), threads, provider), layout,
                    {"scheme": scheme_label(layout), "kernels": kernel_summary(layout),
-                    "file_mb": graph_size_mb(layout)})
+                    "file_mb": graph_size_mb(layout), **graph_identity(layout)})
 
     def logits_fn(self) -> Any:
         """The graph's logits callable for scoring, or None where it is not scored (PyTorch, CUDA)."""
@@ -130,10 +133,30 @@ def kernel_summary(layout: ExportLayout) -> str:
     return ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common()) or "float MatMul"
 
 
+def graph_files(layout: ExportLayout) -> list[Path]:
+    """The graph and its external weights, as they are on disk."""
+    names = sorted({layout.manifest.get("graph", "model.onnx"), layout.manifest.get("external_data", "")} - {""})
+    return [layout.folder / name for name in names if (layout.folder / name).is_file()]
+
+
 def graph_size_mb(layout: ExportLayout) -> float:
     """Bytes on disk of the graph and its external weights, in MiB."""
-    names = {layout.manifest.get("graph", "model.onnx"), layout.manifest.get("external_data", "")}
-    return sum((layout.folder / name).stat().st_size for name in names if name and (layout.folder / name).is_file()) / 2**20
+    return sum(path.stat().st_size for path in graph_files(layout)) / 2**20
+
+
+def graph_identity(layout: ExportLayout) -> dict[str, str]:
+    """What the CI gate matches baseline rows by: the SHA-256 of the graph files as they are now (not as
+    export.json recorded them: an edited graph is a different model), and the model's shape."""
+    import hashlib
+
+    from pipeline.artifacts import sha256_file
+
+    digest = hashlib.sha256()
+    for path in graph_files(layout):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return {"graph_sha256": digest.hexdigest(),
+            "shape": (f"{layout.num_layers} layers, {layout.num_kv_heads} kv heads x {layout.head_dim}, "
+                      f"vocab {layout.vocab_size}")}
 
 
 def float_parent(layout: ExportLayout) -> str:
@@ -250,26 +273,39 @@ class Workers:
                 process.kill()
 
 
-def time_targets(workers: Workers, options: BenchOptions) -> None:
-    """Warm-up rounds, then `repeats` rounds; each round visits every target, in an order that
-    rotates from round to round, and runs each prefill length and one decode run."""
+def time_rounds(workers: Workers, options: BenchOptions, warmup: int, rounds: int, first_round: int = 0) -> None:
+    """`warmup` untimed rounds, then `rounds` timed ones. A round runs each measure on every target back
+    to back, in an order that rotates from round to round (continuing from `first_round`), so the
+    samples a ratio pairs are timed seconds apart, not a whole round apart.
+
+    A prefill sample is the best of `prefill_calls` calls, taken in turns across the targets (A B A B …):
+    interference only ever adds time, and a prefill is one call, so being timed more than once, in the
+    same window as the reference, is its defence against a busy spell. Decode records the run's total
+    and its median step ("decode_step"), which a step the machine interrupted does not move."""
     targets = workers.targets
-    rounds = options.warmup + options.repeats
-    with tqdm(total=rounds * len(targets), desc="bench", disable=not options.progress) as bar:
-        for round_index in range(rounds):
+    measures = [*(f"prefill_{length}" for length in options.prompt_lengths), "decode"]
+    with tqdm(total=(warmup + rounds) * len(targets) * len(measures), desc="bench",
+              disable=not options.progress) as bar:
+        for round_index in range(first_round, first_round + warmup + rounds):
             shift = round_index % len(targets)
-            for index in list(range(len(targets)))[shift:] + list(range(len(targets)))[:shift]:
-                target = targets[index]
-                bar.set_postfix_str(f"{target.label} {target.runtime}")
-                measured = {f"prefill_{length}": workers.ask(index, "prefill", length)
-                            for length in options.prompt_lengths}
-                measured["decode"] = workers.ask(index, "decode", options.cached_tokens, options.decode_tokens)
-                if round_index >= options.warmup:
-                    for key, seconds in measured.items():
-                        target.samples.setdefault(key, []).append(seconds)
+            order = list(range(len(targets)))[shift:] + list(range(len(targets)))[:shift]
+            measured: list[dict[str, float]] = [{} for _ in targets]
+            for length in options.prompt_lengths:
+                for _ in range(options.prefill_calls):
+                    for index in order:
+                        seconds = workers.ask(index, "prefill", length)
+                        key = f"prefill_{length}"
+                        measured[index][key] = min(seconds, measured[index].get(key, math.inf))
+                bar.update(len(targets))
+            for index in order:
+                bar.set_postfix_str(f"{targets[index].label} {targets[index].runtime}")
+                total, step = workers.ask(index, "decode", options.cached_tokens, options.decode_tokens)
+                measured[index].update(decode=total, decode_step=step)
                 bar.update()
-    for index, target in enumerate(targets):
-        target.info["peak_rss_mb"] = workers.ask(index, "rss")
+            if round_index >= first_round + warmup:
+                for target, values in zip(targets, measured, strict=True):
+                    for key, seconds in values.items():
+                        target.samples.setdefault(key, []).append(seconds)
 
 
 def spread_pct(samples: list[float]) -> float:
@@ -321,26 +357,37 @@ def evaluation_windows(options: BenchOptions, reference: Target) -> Any:
     return load_split_windows(options.evaluation, tokenizer, "evaluation")
 
 
-def paired_speedup(reference: list[float], samples: list[float]) -> float:
-    """Median over rounds of reference time / target time. Each round times both back to back, so
-    a slow spell of the machine scales both and cancels in the ratio (the ratio of medians would not)."""
-    return statistics.median(ref / own for ref, own in zip(reference, samples, strict=True))
+def round_speedups(reference: list[float], samples: list[float]) -> list[float]:
+    """Reference time / target time, round by round. Each round times both back to back, so a slow spell
+    of the machine scales both and cancels in the ratio (the ratio of medians would not)."""
+    return [ref / own for ref, own in zip(reference, samples, strict=True)]
+
+
+def reference_for(target: Target, targets: list[Target]) -> Target | None:
+    """The float32 ONNX target a target's ratios are taken against: on the same provider for ONNX
+    targets, the CPU one for PyTorch and peer rows."""
+    provider = target.spec.provider if target.spec.kind == ONNX else CPU
+    return next((t for t in targets if t.spec.kind == ONNX and t.layout is not None
+                 and t.label == targets[0].label and t.spec.provider == provider), None)
+
+
+def sample_key(model: str, runtime: str) -> str:
+    """How a row's raw samples are keyed in the run's metadata and in a gate baseline."""
+    return f"{model} ({runtime})"
 
 
 def add_ratios(rows: list[dict[str, Any]], targets: list[Target]) -> None:
-    """Speed-ups and size against the float32 ONNX graph on the same provider (> 1 is faster;
-    size < 1 is smaller). PyTorch and peer rows are compared with the CPU float32 graph."""
-    reference_by_provider = {t.spec.provider: t for t in reversed(targets) if t.spec.kind == ONNX
-                             and t.layout is not None and t.label == targets[0].label}
+    """Speed-ups and size against the float32 ONNX graph (> 1 is faster; size < 1 is smaller): the
+    median of the per-round paired ratios, and the best-of-N ratio of minimums."""
     for row, target in zip(rows, targets, strict=True):
-        base = reference_by_provider.get(target.spec.provider if target.spec.kind == ONNX else CPU)
+        base = reference_for(target, targets)
         if base is None:
             continue
         for key, samples in target.samples.items():
+            if key == "decode_step":  # a gate statistic (see time_rounds), not a reported ratio
+                continue
             name = "decode_speedup" if key == "decode" else key.replace("prefill_", "prefill_speedup_")
-            row[name] = paired_speedup(base.samples[key], samples)
-            # Best-of-N ratio: interference only ever adds time, so minimums are the steadiest
-            # estimate on a busy machine; the CI gate compares these.
+            row[name] = statistics.median(round_speedups(base.samples[key], samples))
             row[f"{name}_best"] = min(base.samples[key]) / min(samples)
         base_mb = base.description.get("file_mb")
         if row.get("file_mb") and base_mb:
@@ -365,40 +412,70 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
     return run_bench_with_meta(options)[0]
 
 
-def run_bench_with_meta(options: BenchOptions) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+MoreRounds = Callable[[list[dict[str, Any]], dict[str, Any]], int]
+"""Asked after the timed rounds with the rows and metadata so far: how many more rounds to time (0: done).
+The CI gate uses it to keep timing while its verdict is inconclusive."""
+
+
+def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = None
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`run_bench`, also returning the run's metadata (machine, settings, raw samples)."""
     threads = options.threads or default_threads()
     targets, notes = build_targets(options, threads)
     reference = targets[0]
     workers = Workers(targets)
     try:
-        time_targets(workers, options)
+        time_rounds(workers, options, options.warmup, options.repeats)
+        timed = options.repeats
+        while more_rounds is not None:
+            extra = more_rounds(*timing_rows(targets, options, threads, notes))
+            if extra <= 0:
+                break
+            time_rounds(workers, options, 0, extra, first_round=options.warmup + timed)
+            timed += extra
+        for index, target in enumerate(targets):
+            target.info["peak_rss_mb"] = workers.ask(index, "rss")
     finally:
         workers.close()
+    rows, meta = timing_rows(targets, options, threads, notes)
     windows = evaluation_windows(options, reference) if options.perplexity else None
     reference_fn = reference.logits_fn() if windows is not None else None
-    rows = []
-    for target in targets:
-        row: dict[str, Any] = {"model": target.label, "runtime": target.runtime, **target.description,
-                               **timing_fields(target, options),
-                               "peak_rss_mb": target.info["peak_rss_mb"],
-                               # The worker's peak before it loaded the model (interpreter and imports).
-                               "baseline_rss_mb": target.info["baseline_rss_mb"],
-                               "threads": threads, **options.extra_fields}
-        if windows is not None:
+    if windows is not None:
+        for row, target in zip(rows, targets, strict=True):
             row.update(accuracy_fields(target, reference, reference_fn, windows, options.progress))
-        rows.append(row)
-    add_ratios(rows, targets)
     if any("qdq" in str(row.get("kernels")) for row in rows):
         notes["qdq"] = ("rows with qdq kernels (W4A4, per-token W4A8) run as DequantizeLinear + float MatMul with "
                         "activation fake-quant ops: exact numerics, but ONNX Runtime has no W4A4 CPU kernel, so "
                         "their speed needs one; their size and accuracy are what a W4A4 kernel would deliver")
-    meta = {"machine": machine_info(threads), "notes": notes, "repeats": options.repeats, "warmup": options.warmup,
-            "prompt_lengths": list(options.prompt_lengths), "cached_tokens": options.cached_tokens,
-            "decode_tokens": options.decode_tokens, "reference": str(reference.layout.folder),
-            "reference_label": reference.label,
-            "samples_seconds": {f"{t.label} ({t.runtime})": t.samples for t in targets}}
     write_bench_files(rows, meta, Path(options.out))
+    return rows, meta
+
+
+def timing_rows(targets: list[Target], options: BenchOptions, threads: int, notes: dict[str, Any]
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows and metadata of what has been timed so far (no accuracy yet)."""
+    rows = []
+    for target in targets:
+        rows.append({"model": target.label, "runtime": target.runtime, **target.description,
+                     **timing_fields(target, options),
+                     "peak_rss_mb": target.info.get("peak_rss_mb"),
+                     # The worker's peak before it loaded the model (interpreter and imports).
+                     "baseline_rss_mb": target.info["baseline_rss_mb"],
+                     "threads": threads, **options.extra_fields})
+    add_ratios(rows, targets)
+    speedups = {}
+    for target in targets:
+        base = reference_for(target, targets)
+        if base is not None and base is not target:
+            speedups[sample_key(target.label, target.runtime)] = {
+                key: round_speedups(base.samples[key], samples) for key, samples in target.samples.items()}
+    meta = {"machine": machine_info(threads), "notes": notes, "repeats": len(targets[0].samples["decode"]),
+            "warmup": options.warmup, "prompt_lengths": list(options.prompt_lengths),
+            "prefill_calls": options.prefill_calls,
+            "cached_tokens": options.cached_tokens, "decode_tokens": options.decode_tokens,
+            "reference": str(targets[0].layout.folder), "reference_label": targets[0].label,
+            "samples_seconds": {sample_key(t.label, t.runtime): t.samples for t in targets},
+            "round_speedups": speedups}
     return rows, meta
 
 
@@ -408,15 +485,23 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [c for c in COLUMNS if c in present] + list(dict.fromkeys(extra))
 
 
+MACHINE_ONLY_COLUMNS = ("baseline_rss_mb", "graph_sha256", "shape")
+
+
+def readable_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns a person reads: no best-of-N ratios, hashes or worker baselines (JSON and CSV keep them)."""
+    return [c for c in table_columns(rows) if not c.endswith("_best") and c not in MACHINE_ONLY_COLUMNS]
+
+
 def write_bench_files(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out / Path(BENCH_FILE).stem, table_columns(rows))
     write_json_atomic(out / META_FILE, meta)
     notes = "".join(f"- {key}: {value}\n" for key, value in meta["notes"].items())
     machine = meta["machine"]
-    readable = [c for c in table_columns(rows) if not c.endswith("_best") and c != "baseline_rss_mb"]
-    atomic_write(out / Path(BENCH_FILE).with_suffix(".md"), markdown_table(rows, readable) + (
+    atomic_write(out / Path(BENCH_FILE).with_suffix(".md"), markdown_table(rows, readable_columns(rows)) + (
         f"\nMedians of {meta['repeats']} interleaved repeats after {meta['warmup']} warm-up round(s); "
+        f"prefill: best of {meta['prefill_calls']} calls per repeat; "
         f"decode: {meta['decode_tokens']} tokens after {meta['cached_tokens']} cached; "
         f"{machine['threads']} threads on {machine['cpu']}; onnxruntime {machine['onnxruntime']}. "
         f"Ratios are against the float32 ONNX row.\n" + notes))

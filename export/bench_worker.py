@@ -134,26 +134,34 @@ def _timed(call: Callable[..., Any], *args: Any) -> float:
     return time.perf_counter() - start
 
 
-def _timed_decode(target: Timed, rng: np.random.Generator, cached: int, steps: int) -> float:
-    """Seconds for `steps` decode steps after a prefill of `cached` tokens (the prefill is not timed)."""
+def _timed_decode(target: Timed, rng: np.random.Generator, cached: int, steps: int) -> tuple[float, float]:
+    """Seconds for `steps` decode steps after a prefill of `cached` tokens (the prefill is not timed), and
+    the median seconds of one step: a step the machine interrupted moves the total, not the median."""
     state = target.prefill(rng.integers(0, target.vocab_size, (1, cached), dtype=np.int64), steps)
     tokens = rng.integers(0, target.vocab_size, steps).tolist()
-    start = time.perf_counter()
+    step_seconds = []
     for token in tokens:
+        start = time.perf_counter()
         state = target.decode(state, token)
-    return time.perf_counter() - start
+        step_seconds.append(time.perf_counter() - start)
+    return sum(step_seconds), float(np.median(step_seconds))
 
 
-def _sample_seconds(measure: Callable[[], float]) -> float:
-    """One timing sample: `measure()` once, or averaged over repeats until MIN_SAMPLE_SECONDS are timed."""
-    total, calls = measure(), 1
-    while total < MIN_SAMPLE_SECONDS:
-        total, calls = total + measure(), calls + 1
-    return total / calls
+def _sample_seconds(measure: Callable[[], Any]) -> Any:
+    """One timing sample: `measure()` once, or averaged over repeats until MIN_SAMPLE_SECONDS are timed.
+    `measure` returns seconds, or a tuple whose first item is the total seconds (averaged item by item)."""
+    first = measure()
+    samples = [first if isinstance(first, tuple) else (first,)]
+    while sum(sample[0] for sample in samples) < MIN_SAMPLE_SECONDS:
+        result = measure()
+        samples.append(result if isinstance(result, tuple) else (result,))
+    averaged = tuple(sum(values) / len(samples) for values in zip(*samples, strict=True))
+    return averaged if isinstance(first, tuple) else averaged[0]
 
 
 def serve(conn: Connection, spec: TargetSpec) -> None:
-    """Worker loop: ("prefill", L) → seconds; ("decode", cached, n) → seconds for n steps; ("rss",)."""
+    """Worker loop: ("prefill", L) → seconds; ("decode", cached, n) → (seconds
+    for n steps, median seconds of one step); ("rss",) → peak MiB."""
     try:
         _pin(spec.threads)
         baseline = peak_rss_mb()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.cli_args import add_model_argument
 
@@ -48,20 +49,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eval.tables import markdown_table
-    from export.bench import BenchOptions, run_bench_with_meta, table_columns
+    from export.bench import BenchOptions, readable_columns, run_bench_with_meta
     from pipeline.data import DataSpec
 
-    if args.baseline:  # fail on a bad baseline before spending minutes timing
-        from export.bench_gate import load_baseline
-
-        load_baseline(Path(args.baseline))
-    rows, meta = run_bench_with_meta(BenchOptions(
+    options = BenchOptions(
         models=tuple(args.folders), out=Path(args.out), reference=args.reference,
         prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")), cached_tokens=args.cached_tokens,
         decode_tokens=args.decode_tokens, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
-        evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2))))
-    print(markdown_table(rows, table_columns(rows)))
+        evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2)))
+    gate = baseline = more_rounds = None
+    if args.baseline:  # options and baseline are checked before spending minutes timing
+        from export.bench_gate import GateOptions, load_baseline, more_rounds_while_inconclusive
+
+        gate = GateOptions(baseline=Path(args.baseline), max_regression=args.max_regression,
+                           metrics=tuple(m.strip() for m in args.metric.split(",")), absolute=args.absolute,
+                           inconclusive=args.inconclusive, max_repeats=max(args.max_repeats, args.repeats))
+        baseline = load_baseline(gate.baseline)
+        more_rounds = more_rounds_while_inconclusive(baseline, gate, batch=args.repeats)
+    rows, meta = run_bench_with_meta(options, more_rounds)
+    print(markdown_table(rows, readable_columns(rows)))
     if args.json:
         from pipeline.atomic import write_json_atomic
 
@@ -71,24 +78,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from export.bench_gate import save_baseline
 
         print(f"baseline written to {save_baseline(rows, meta, Path(args.save_baseline))}")
-    if args.baseline:
-        return _gate(args, rows, meta)
+    if gate is not None:
+        return _gate(gate, baseline, rows, meta, Path(args.out))
     return 0
 
 
-def _gate(args: argparse.Namespace, rows: list, meta: dict) -> int:
+def _gate(gate: Any, baseline: dict, rows: list, meta: dict, out: Path) -> int:
     from eval.tables import markdown_table
-    from export.bench_gate import compare, load_baseline
+    from export.bench_gate import compare
+    from pipeline.atomic import atomic_write, write_json_atomic
 
-    metrics = tuple(m.strip() for m in args.metric.split(","))
-    result = compare(rows, meta, load_baseline(Path(args.baseline)), args.max_regression, metrics, args.absolute)
-    print(markdown_table(result.rows, formats={"change": "+.1%", "change_vs_fp32": "+.1%"}))
+    result = compare(rows, meta, baseline, gate)
+    columns = ["model", "runtime", "measure", "old", "new", "change", "old_vs_fp32", "new_vs_fp32",
+               "change_vs_fp32", "low", "high", "rounds", "verdict", "note"]
+    present = [c for c in columns if any(c in row for row in result.rows)]
+    table = markdown_table(result.rows, present, formats={key: "+.1%" for key in ("change", "change_vs_fp32",
+                                                                                   "low", "high")})
+    print(table)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    verdict = "FAILED" if result.failed else "passed"
-    print(f"latency gate {verdict} (tolerance {args.max_regression:.0%}, relative to the float32 graph"
-          f"{' and absolute' if args.absolute else ''})")
-    return 1 if result.failed else 0
+    code = result.exit_code(gate.inconclusive)
+    action = {0: "passes", 1: "fails", 3: "exits 3"}[code]
+    summary = (f"latency gate {result.verdict.upper()} (tolerance {gate.max_regression:.0%} on the change against "
+               f"the float32 graph{' and absolute' if gate.absolute else ''}, {gate.confidence:.0%} intervals "
+               f"low..high over {meta['repeats']} rounds); the job {action}")
+    write_json_atomic(out / "gate.json", {"verdict": result.verdict, "exit_code": code, "repeats": meta["repeats"],
+                                          "tolerance": gate.max_regression, "confidence": gate.confidence,
+                                          "rows": result.rows, "warnings": result.warnings})
+    atomic_write(out / "gate.md", table + "".join(f"\n- warning: {w}" for w in result.warnings) + f"\n\n{summary}\n")
+    print(summary)
+    return code
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -123,12 +142,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (median reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads, pinned (default: all cores)")
-    bench.add_argument("--baseline", default=None, help="gate: compare with this baseline JSON; exit 1 on a regression")
+    bench.add_argument("--baseline", default=None,
+                       help="gate: compare with this baseline JSON; exit 0 pass, 1 regression, 3 inconclusive")
     bench.add_argument("--max-regression", type=float, default=0.10, help="gate tolerance (default 0.10 = 10%%)")
     bench.add_argument("--metric", default="decode,prefill", help="gated measures: decode, prefill or both")
     bench.add_argument("--absolute", action="store_true",
                        help="gate also on absolute latency (default: only on the ratio to float32, which is "
                             "robust to a slower or busier machine; absolute drops warn)")
+    bench.add_argument("--inconclusive", default="exit", choices=["exit", "fail", "pass"],
+                       help="gate: what an inconclusive verdict does (exit: exit code 3, the default)")
+    bench.add_argument("--max-repeats", type=int, default=20,
+                       help="gate: while inconclusive, time --repeats more rounds, up to this many (default 20)")
     bench.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON")
     bench.add_argument("--peer", action="append", default=[], choices=["genai"],
                        help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "

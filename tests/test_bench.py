@@ -97,127 +97,56 @@ def test_bench_builds_and_times_the_genai_peer(exports: dict[str, Path], tiny_te
         _options((exports["fp32"],), tmp_path / "b", tiny_text_file, peers=("vllm",))
 
 
-def slowed_copy(folder: Path, dest: Path, matmuls: int = 40, width: int = 512) -> Path:
-    """The same export with extra input-dependent work added to its graph (a model slowed on purpose):
-    `matmuls` chained [tokens, width] × [width, width] products whose result is multiplied by 0."""
-    import shutil
-
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    shutil.copytree(folder, dest)
-    path = dest / "model.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
-    producer = next(node for node in graph.node if "logits" in node.output)
-    producer.output[list(producer.output).index("logits")] = "logits_unslowed"
-    weight = np.random.default_rng(0).standard_normal((width, width)).astype(np.float32) / width
-    graph.initializer.extend([numpy_helper.from_array(weight, "slow_w"),
-                              numpy_helper.from_array(np.array([1, 1, width], np.int64), "slow_shape"),
-                              numpy_helper.from_array(np.array([-1], np.int64), "slow_axes"),
-                              numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero")])
-    nodes = [helper.make_node("Cast", ["input_ids"], ["slow_ids"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["slow_ids", "slow_axes"], ["slow_col"]),
-             helper.make_node("Expand", ["slow_col", "slow_shape"], ["slow_x0"])]
-    for i in range(matmuls):
-        nodes += [helper.make_node("MatMul", [f"slow_x{i}", "slow_w"], [f"slow_m{i}"]),
-                  helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_x{i + 1}"])]
-    nodes += [helper.make_node("ReduceMean", [f"slow_x{matmuls}"], ["slow_mean"], keepdims=0),
-              helper.make_node("Mul", ["slow_mean", "slow_zero"], ["slow_nothing"]),
-              helper.make_node("Add", ["logits_unslowed", "slow_nothing"], ["logits"])]
-    graph.node.extend(nodes)
-    onnx.save(model, str(path))
-    return dest
-
-
 def _gate_run(models: tuple[Path, ...], out: Path, *flags: str) -> int:
     return main(["bench", *map(str, models), "--out", str(out), "--no-eager", "--eval-tokens", "0",
-                 "--prompt-lengths", "64", "--cached-tokens", "32", "--decode-tokens", "32", "--repeats", "7",
-                 "--threads", "1", *flags])
+                 "--prompt-lengths", "16", "--cached-tokens", "8", "--decode-tokens", "4", "--repeats", "3",
+                 "--warmup", "0", "--threads", "1", *flags])
 
 
-def test_latency_gate_passes_the_same_model_and_fails_a_slowed_one(exports: dict[str, Path], tmp_path: Path,
+def test_gate_plumbing_baseline_samples_verdict_files_and_identity(exports: dict[str, Path], tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
+    """What the CLI gate does whatever the machine's speed: the verdict itself is tested on recorded
+    samples (tests/test_gate.py) and measured by `make gate-check`, never asserted from a wall clock."""
+    import shutil
+
+    from export.bench_gate import EXIT_CODES
+
     baseline = tmp_path / "base.json"
     models = (exports["fp32"], exports["w4a8"])
     assert _gate_run(models, tmp_path / "b0", "--save-baseline", str(baseline)) == 0
-    for attempt in range(2):  # the same models against their own baseline pass, run after run
-        # At 20%: sub-millisecond steps on a shared 2-core machine once moved a ratio by 12% (measured).
-        assert _gate_run(models, tmp_path / f"b{attempt + 1}", "--baseline", str(baseline),
-                         "--max-regression", "0.2") == 0
-        assert "latency gate passed" in capsys.readouterr().out
-    slowed = slowed_copy(exports["w4a8"], tmp_path / "slow" / exports["w4a8"].name)
-    assert _gate_run((exports["fp32"], slowed), tmp_path / "b3", "--baseline", str(baseline)) == 1
+    saved = json.loads(baseline.read_text())
+    w4a8 = next(row for row in saved["rows"] if row["model"] == "w4a8-onnx")
+    assert len(w4a8["round_speedups"]["decode_step"]) == 3 and len(w4a8["samples_seconds"]["prefill_16"]) == 3
+    assert len(w4a8["graph_sha256"]) == 64 and saved["reference_sha256"] != w4a8["graph_sha256"]
+    capsys.readouterr()
+
+    code = _gate_run(models, tmp_path / "b1", "--baseline", str(baseline), "--max-repeats", "5")
+    gate = json.loads((tmp_path / "b1" / "gate.json").read_text())
+    assert code == EXIT_CODES[gate["verdict"]] and 3 <= gate["repeats"] <= 5
+    assert gate["verdict"] != "inconclusive" or gate["repeats"] == 5  # inconclusive only after every round allowed
+    decode = next(row for row in gate["rows"] if row["model"] == "w4a8-onnx" and row["measure"] == "decode_tokens_per_s")
+    assert decode["rounds"] == f"{gate['repeats']}/3" and "low" in decode and "high" in decode
     output = capsys.readouterr().out
-    assert "latency gate FAILED" in output and "| FAIL |" in output
+    assert f"latency gate {gate['verdict'].upper()}" in output and "| low |" in output
+    assert (tmp_path / "b1" / "gate.md").is_file()
+
+    # A renamed folder is found by its graph's hash; a baselined model missing from the run fails.
+    renamed = tmp_path / "renamed" / "w4a8-renamed"
+    shutil.copytree(exports["w4a8"], renamed)
+    _gate_run((exports["fp32"], renamed), tmp_path / "b2", "--baseline", str(baseline), "--inconclusive", "pass")
+    assert "matched by its hash" in capsys.readouterr().err
+    assert _gate_run((exports["fp32"],), tmp_path / "b3", "--baseline", str(baseline)) == 1
+    assert "missing from this run" in capsys.readouterr().out
 
 
-def _rows(speedup: float, tokens_per_s: float, reference_tokens_per_s: float) -> list[dict]:
-    return [{"model": "fp32", "runtime": "onnxruntime-cpu", "decode_tokens_per_s": reference_tokens_per_s,
-             "prefill_ms_128": 10.0, "decode_speedup_best": 1.0, "prefill_speedup_128_best": 1.0},
-            {"model": "w4a8", "runtime": "onnxruntime-cpu", "decode_tokens_per_s": tokens_per_s,
-             "prefill_ms_128": 10.0 / speedup, "decode_speedup_best": speedup, "prefill_speedup_128_best": speedup}]
-
-
-META = {"machine": {"cpu": "x", "threads": 2, "onnxruntime": "1"}, "reference_label": "fp32"}
-
-
-def test_gate_verdicts_relative_and_absolute(tmp_path: Path) -> None:
-    from export.bench_gate import compare, load_baseline, save_baseline
-
-    baseline = load_baseline(save_baseline(_rows(2.0, 200.0, 100.0), META, tmp_path / "base.json"))
-    same = compare(_rows(2.0, 200.0, 100.0), META, baseline, 0.10)
-    assert not same.failed and {row["verdict"] for row in same.rows} == {"ok"} and not same.warnings
-    slower_model = compare(_rows(1.7, 170.0, 100.0), META, baseline, 0.10)
-    assert slower_model.failed and [r["measure"] for r in slower_model.rows if r["verdict"] == "FAIL"] == [
-        "decode_tokens_per_s", "prefill_ms_128"]
-    assert compare(_rows(1.7, 170.0, 100.0), META, baseline, 0.20).failed is False  # within a 20% tolerance
-    # Everything 30% slower, ratios unchanged: a slower machine warns, and fails only with absolute=True.
-    slower_machine = compare(_rows(2.0, 140.0, 70.0), META, baseline, 0.10)
-    assert not slower_machine.failed and any("absolute terms" in w for w in slower_machine.warnings)
-    assert compare(_rows(2.0, 140.0, 70.0), META, baseline, 0.10, absolute=True).failed
-    only_decode = compare(_rows(2.0, 200.0, 100.0), META, baseline, 0.10, metrics=("decode",))
-    assert {row["measure"] for row in only_decode.rows} == {"decode_tokens_per_s"}
-
-
-def test_gate_warns_and_refuses_clearly(tmp_path: Path) -> None:
-    from export.bench_gate import compare, load_baseline, save_baseline
-
-    baseline = load_baseline(save_baseline(_rows(2.0, 200.0, 100.0), META, tmp_path / "base.json"))
-    other = {"machine": {"cpu": "y", "threads": 4, "onnxruntime": "1"}, "reference_label": "other-fp32"}
-    warnings = compare(_rows(2.0, 200.0, 100.0), other, baseline, 0.10).warnings
-    assert any("cpu differs" in w for w in warnings) and any("threads differs" in w for w in warnings)
-    assert any("a different model?" in w for w in warnings)
-    with pytest.raises(RotaqError, match="max-regression"):
-        compare([], META, baseline, 10)
-    with pytest.raises(RotaqError, match="unknown gate metric"):
-        compare([], META, baseline, 0.1, metrics=("memory",))
-    with pytest.raises(ArtifactError, match="does not exist"):
-        load_baseline(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(ArtifactError, match="not a rotaq bench baseline"):
-        load_baseline(tmp_path / "bad.json")
-
-
-def _report_peak_rss(queue: Any) -> None:
-    from export.bench_worker import peak_rss_mb
-
-    queue.put(peak_rss_mb())
-
-
-def test_a_worker_reports_its_own_peak_memory_not_its_parents() -> None:
-    """Linux carries ru_maxrss across fork and exec: a worker spawned by a large parent must not report it."""
-    import multiprocessing
-
-    import numpy as np
-
-    ballast = np.ones(512 * 1024 * 1024 // 8)  # 512 MiB, touched, held by this (parent) process
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    worker = context.Process(target=_report_peak_rss, args=(queue,))
-    worker.start()
-    reported = queue.get(timeout=120)
-    worker.join(timeout=60)
-    # the parent holds the 512 MiB ballast plus torch; the worker holds its own imports only
-    assert ballast.sum() > 0 and 0 < reported < 512, f"worker reported {reported:.0f} MiB"
+def test_gate_refuses_bad_input_before_timing_anything(exports: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "rotaq-bench-baseline/1", "rows": [{"model": "a", "runtime": "r", '
+                   '"decode_tokens_per_s": 0}]}')
+    models = (exports["fp32"], exports["w4a8"])
+    assert _gate_run(models, tmp_path / "b1", "--baseline", str(bad)) == 2
+    assert _gate_run(models, tmp_path / "b2", "--baseline", str(bad), "--max-regression", "10") == 2
+    errors = capsys.readouterr().err
+    assert "is not a positive number" in errors and "max-regression" in errors and "Traceback" not in errors
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()  # nothing was timed

@@ -24,7 +24,7 @@ from adapters.input_norms import NORM_BATCHES
 from adapters.lor2c import LOR2C_TYPES, Lor2cConfig, install_lor2c, lor2c_paths
 from adapters.structure import adapter_state_dict, install_adapters
 from adapters.train import TrainConfig, TrainResult, train_adapters
-from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, write_model_artifact
+from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import ArtifactError, RotaqError
 from pipeline.loading import LoadedModel, load_model
@@ -68,6 +68,7 @@ def run_finetune(options: FinetuneOptions) -> Path:
     """Train adapters on the train split and write the finetune folder (from the main process)."""
     from accelerate import Accelerator
 
+    refuse_output_over_input(options.out, options.model)
     _refuse_unreplaceable_out(Path(options.out))
     # Without CUDA, accelerate only sets up multi-process (gloo) training when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -20,7 +20,7 @@ from adapters.lor2c import LOR2C_TYPES, lor2c_paths, side_path_section
 from adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
 from adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
 from eval.metrics import evaluate
-from pipeline.artifacts import new_manifest, write_model_artifact
+from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import ArtifactError, RotaqError
 from pipeline.loading import LoadedModel, load_model
@@ -58,6 +58,7 @@ class MergeOptions:
 
 def run_merge(options: MergeOptions) -> tuple[Path, dict[str, Any]]:
     """Write the merged folder; returns it with the manifest's 'merge' section (method and measured error)."""
+    refuse_output_over_input(options.out, options.model)
     adapted = load_model(options.model)
     section = _adapters_section(adapted, options.model)
     if section["type"] in LOR2C_TYPES:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
 from adapters.checkpoint import CheckpointFolder, TrainingState
 from adapters.input_norms import InputNormHistory, norm_ratios
@@ -129,8 +129,8 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
     sampler = WindowSampler(train_windows.shape[0], config, accelerator.num_processes)
     if state.step == 0:
         _log_evaluation(model, eval_windows, config, state, accelerator)
-    bar = tqdm(total=config.steps, initial=state.step, desc="finetune", unit="step",
-               disable=not (progress and accelerator.is_main_process))
+    bar = progress_bar(total=config.steps, initial=state.step, desc="finetune", unit="step",
+                       disable=not (progress and accelerator.is_main_process))
     try:
         while state.step < config.steps:
             record = _train_step(parallel_model, parameters, optimizer, scheduler, train_windows, sampler, state.step,

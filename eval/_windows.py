@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
 from pipeline.errors import DataError, RotaqError
 
@@ -31,7 +31,7 @@ def iter_batches(windows: torch.Tensor, batch_size: int, progress: bool, desc: s
     """Yield consecutive batches of windows while advancing a progress bar counted in windows."""
     if batch_size < 1:
         raise RotaqError(f"batch size must be at least 1, got {batch_size}")
-    with tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
+    with progress_bar(total=windows.shape[0], desc=desc, unit="win", disable=not progress) as bar:
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start : start + batch_size]
             yield batch

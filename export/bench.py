@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
 from eval.tables import markdown_table, write_table
 from export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
@@ -136,7 +136,7 @@ def kernel_summary(layout: ExportLayout) -> str:
 def graph_files(layout: ExportLayout) -> list[Path]:
     """The graph and its external weights, as they are on disk."""
     names = sorted({layout.manifest.get("graph", "model.onnx"), layout.manifest.get("external_data", "")} - {""})
-    return [layout.folder / name for name in names if (layout.folder / name).is_file()]
+    return [path for path in map(layout.file_in_folder, names) if path.is_file()]
 
 
 def graph_size_mb(layout: ExportLayout) -> float:
@@ -284,7 +284,7 @@ def time_rounds(workers: Workers, options: BenchOptions, warmup: int, rounds: in
     and its median step ("decode_step"), which a step the machine interrupted does not move."""
     targets = workers.targets
     measures = [*(f"prefill_{length}" for length in options.prompt_lengths), "decode"]
-    with tqdm(total=(warmup + rounds) * len(targets) * len(measures), desc="bench",
+    with progress_bar(total=(warmup + rounds) * len(targets) * len(measures), desc="bench",
               disable=not options.progress) as bar:
         for round_index in range(first_round, first_round + warmup + rounds):
             shift = round_index % len(targets)
@@ -404,7 +404,17 @@ def machine_info(threads: int) -> dict[str, Any]:
         cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
         flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
         cpu += f" (avx2: {'avx2' in flags}, avx512_vnni: {'avx512_vnni' in flags}, avx_vnni: {'avx_vnni' in flags})"
-    return {"cpu": cpu, "threads": threads, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "threads": threads, "onnxruntime": ort.__version__, "rotaq": rotaq_version(),
+            "python": platform.python_version()}
+
+
+def rotaq_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("rotaq")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def run_bench(options: BenchOptions) -> list[dict[str, Any]]:

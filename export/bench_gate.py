@@ -93,6 +93,22 @@ def save_baseline(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) 
     return Path(path)
 
 
+def check_baseline_target(path: Path, force: bool = False) -> None:
+    """`--save-baseline F` replaces F only when it is a rotaq baseline (or with --force): checked before
+    timing, so a typo cannot overwrite a user's file after minutes of benching."""
+    path = Path(path)
+    if path.is_dir():
+        raise RotaqError(f"--save-baseline {path} is a folder; give a file name such as {path / 'baseline.json'}")
+    if not path.exists() or force:
+        return
+    try:
+        is_baseline = json.loads(path.read_text()).get("format") == BASELINE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_baseline = False
+    if not is_baseline:
+        raise RotaqError(f"refusing to overwrite {path}: it exists and is not a rotaq bench baseline (--force replaces it)")
+
+
 def load_baseline(path: Path) -> dict[str, Any]:
     """The baseline, with its contents checked: a one-line error names the first thing that is wrong."""
     path = Path(path)
@@ -288,8 +304,8 @@ def _reference_spread(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[
 def _provenance_warnings(rows: list[dict[str, Any]], meta: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
     warnings = []
     old_machine, new_machine = baseline.get("machine") or {}, meta.get("machine") or {}
-    for key in ("cpu", "threads", "onnxruntime"):
-        if old_machine.get(key) != new_machine.get(key):
+    for key in ("cpu", "threads", "onnxruntime", "rotaq"):
+        if key in old_machine and old_machine.get(key) != new_machine.get(key):
             warnings.append(f"baseline {key} differs: {old_machine.get(key)!r} then, {new_machine.get(key)!r} now; "
                             "absolute numbers are not comparable, ratios to float32 still are")
     if baseline.get("reference") != meta.get("reference_label"):

@@ -59,6 +59,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2)))
     gate = baseline = more_rounds = None
+    if args.save_baseline:
+        from export.bench_gate import check_baseline_target
+
+        check_baseline_target(Path(args.save_baseline), args.force)
     if args.baseline:  # options and baseline are checked before spending minutes timing
         from export.bench_gate import GateOptions, load_baseline, more_rounds_while_inconclusive
 
@@ -153,7 +157,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="gate: what an inconclusive verdict does (exit: exit code 3, the default)")
     bench.add_argument("--max-repeats", type=int, default=20,
                        help="gate: while inconclusive, time --repeats more rounds, up to this many (default 20)")
-    bench.add_argument("--save-baseline", default=None, help="write this run as a baseline JSON")
+    bench.add_argument("--save-baseline", default=None,
+                       help="write this run as a baseline JSON (replaces only an existing baseline)")
+    bench.add_argument("--force", action="store_true", help="let --save-baseline replace any existing file")
     bench.add_argument("--peer", action="append", default=[], choices=["genai"],
                        help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "
                             "(needs the 'peer' extra)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import read_versioned_json
+from pipeline.errors import ArtifactError
 
 EXPORT_FORMAT = "rotaq-onnx/1"
 MANIFEST_NAME = "export.json"
@@ -68,7 +69,15 @@ class ExportLayout:
 
     @property
     def graph_path(self) -> Path:
-        return self.folder / self.manifest.get("graph", GRAPH_NAME)
+        return self.file_in_folder(self.manifest.get("graph", GRAPH_NAME))
+
+    def file_in_folder(self, name: str) -> Path:
+        """A file export.json names, refused unless it lies inside the folder: a manifest must not make a
+        runtime load a graph from elsewhere (`"../other/model.onnx"`)."""
+        path = self.folder / name
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(self.folder.resolve()):
+            raise ArtifactError(f"{self.folder / MANIFEST_NAME} names {name!r}, which is outside the export folder")
+        return path
 
 
 def read_layout(folder: Path) -> ExportLayout:

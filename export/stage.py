@@ -23,7 +23,7 @@ from export.onnx_export import export_onnx
 from export.quantized import emitters_for, quantized_weights
 from export.runtime import OnnxDecoder
 from export.side_path_cost import profiled_share, side_path_flops
-from pipeline.artifacts import package_versions, sha256_file, staged_folder
+from pipeline.artifacts import package_versions, refuse_output_over_input, sha256_file, staged_folder
 from pipeline.loading import LoadedModel, load_model
 
 # Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
@@ -58,6 +58,7 @@ def build_graph(loaded: LoadedModel) -> DecoderGraph:
 def run_export(options: ExportOptions) -> Path:
     started = time.perf_counter()
     # Entered first, so a --out that may not be replaced fails before the model is loaded.
+    refuse_output_over_input(options.out, options.model)
     with staged_folder(options.out) as tmp:
         loaded = load_model(options.model)
         graph = build_graph(loaded)

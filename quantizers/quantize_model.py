@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from pipeline.progress import progress_bar
 
 from adapters.lor2c import LayerByLayer, lor2c_paths
 from pipeline.errors import RotaqError
@@ -159,8 +159,8 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
                    for path in family.decoder_linears}
     side_paths = lor2c_paths(model)
     with side_paths.layer_by_layer() if side_paths is not None and inputs is not None else nullcontext() as runner:
-        for index, layer in enumerate(tqdm(layers, desc=f"quantize {scheme.name} ({settings.weights})",
-                                           disable=not settings.progress)):
+        bar = progress_bar(layers, desc=f"quantize {scheme.name} ({settings.weights})", disable=not settings.progress)
+        for index, layer in enumerate(bar):
             layer_codes = _quantize_layer(layer, index, layer_specs, inputs, runner, settings, family)
             for path, quantized in layer_codes.items():
                 codes[f"{family.layers}.{index}.{path}"] = quantized

@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from pipeline.artifacts import new_manifest, write_model_artifact
+from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
 from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from pipeline.errors import RotaqError
 from pipeline.loading import load_model
@@ -79,6 +79,7 @@ def run_quantize(options: QuantizeOptions) -> Path:
     scheme = resolve_scheme(options)
     settings = QuantizeSettings(scheme=scheme, weights=options.weights, act_order=options.act_order,
                                 progress=options.progress)
+    refuse_output_over_input(options.out, options.model)
     loaded = load_model(options.model)
     if loaded.manifest and loaded.manifest.get("quantization"):
         raise RotaqError(f"{options.model} is already quantized; quantize its float parent instead")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import new_manifest, write_model_artifact
+from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
 from pipeline.errors import RotaqError
 from pipeline.loading import load_model
 from rotations.rotate import RotationConfig, rotate_model
@@ -43,6 +43,7 @@ def _check_tokens(vocab_size: int, seed: int) -> torch.Tensor:
 
 def run_rotate(options: RotateOptions) -> Path:
     config = RotationConfig(kind=options.rotation, seed=options.seed, online=options.online)
+    refuse_output_over_input(options.out, options.model)
     loaded = load_model(options.model)
     if loaded.manifest and loaded.manifest.get("rotation"):
         raise RotaqError(f"{options.model} is already rotated; rotate the original model instead")

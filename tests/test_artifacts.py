@@ -100,3 +100,21 @@ def test_rotation_without_online_rotations_still_exact(tiny_hf_folder: Path) -> 
         actual = loaded.model(input_ids=tokens).logits
     assert section["online"] == {}
     assert max_relative_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("stage", ["rotate", "quantize", "export", "merge", "finetune"])
+def test_out_over_the_input_is_refused_and_loses_nothing(stage: str, tiny_hf_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from pipeline.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_hf_folder, model)
+    (model / "my-notes.txt").write_text("keep me")
+    before = sorted(p.name for p in model.iterdir())
+    extra = ["--scheme", "w4a8", "--weights", "rtn"] if stage == "quantize" else []
+    for out in (model, model / "inside", tmp_path):
+        assert main([stage, "--model", str(model), "--out", str(out), *extra]) == 2
+        assert "overlaps the input model" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before and (model / "my-notes.txt").read_text() == "keep me"

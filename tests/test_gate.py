@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bench_gate import (FAIL, INCONCLUSIVE, PASS, GateOptions, GateResult, compare, load_baseline,
-                               more_rounds_while_inconclusive, save_baseline)
+from export.bench_gate import (FAIL, INCONCLUSIVE, PASS, GateOptions, GateResult, check_baseline_target, compare,
+                               load_baseline, more_rounds_while_inconclusive, save_baseline)
 from export.gate_stats import log_shift_interval, lower_critical_value, verdict
 from pipeline.errors import ArtifactError, RotaqError
 
@@ -183,3 +183,25 @@ def test_gate_options_are_checked(tmp_path: Path) -> None:
 def test_gate_result_exit_codes() -> None:
     assert GateResult([], PASS, []).exit_code() == 0 and GateResult([], FAIL, []).exit_code("pass") == 1
     assert math.isinf(log_shift_interval([1.0], [1.0]).high)
+
+
+def test_a_baseline_replaces_only_a_baseline(tmp_path: Path) -> None:
+    path = save_baseline(*_run(_speedups(2.0, 0.03, 5, seed=0)), tmp_path / "base.json")
+    check_baseline_target(path)  # an existing baseline may be refreshed
+    check_baseline_target(tmp_path / "new.json")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    with pytest.raises(RotaqError, match="refusing to overwrite"):
+        check_baseline_target(notes)
+    check_baseline_target(notes, force=True)
+    with pytest.raises(RotaqError, match="is a folder"):
+        check_baseline_target(tmp_path)
+
+
+def test_another_rotaq_or_onnxruntime_version_warns(tmp_path: Path) -> None:
+    rows, meta = _run(_speedups(2.0, 0.03, 10, seed=0))
+    baseline = load_baseline(save_baseline(rows, {**meta, "machine": {**MACHINE, "rotaq": "0.1.0"}},
+                                           tmp_path / "base.json"))
+    newer = {**meta, "machine": {**MACHINE, "rotaq": "0.2.0", "onnxruntime": "2"}}
+    warnings = compare(rows, newer, baseline, _options(tmp_path)).warnings
+    assert any("rotaq differs" in w for w in warnings) and any("onnxruntime differs" in w for w in warnings)

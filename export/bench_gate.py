@@ -257,7 +257,7 @@ def _entry(old: dict[str, Any], new: dict[str, Any], meta: dict[str, Any], absol
                 entry.update(old_vs_fp32=old[best_key], new_vs_fp32=new[best_key], change_vs_fp32=change)
                 relative = FAIL if change < -tolerance else PASS
     absolute_verdict = _absolute_verdict(old, new, meta, samples_key, higher, options) if options.absolute else None
-    if absolute_verdict is None and entry["change"] < -tolerance:
+    if absolute_verdict is None and entry["change"] < -tolerance and relative != FAIL:
         warnings.append(f"{new['model']} {absolute_key}: {entry['change']:+.1%} in absolute terms"
                         + ("" if is_reference else " but not against the float32 graph")
                         + ": the machine or runtime is slower")

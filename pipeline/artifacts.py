@@ -91,12 +91,12 @@ def _disk_errors_explained(target: Path) -> Iterator[None]:
 
 
 def refuse_output_over_input(out_dir: Path, model: str | Path | None) -> None:
-    """A stage's --out must not be its input, nor hold it, nor lie inside it: replacing the output
-    folder would delete the model being read (and the user's files inside it)."""
+    """A stage's --out must not be its input nor a folder holding it: replacing the output folder would
+    delete the model being read (and the user's files inside it). A folder inside the input is harmless."""
     if model is None or not Path(model).exists():
         return  # a hub id or the embedded model
     out_path, model_path = Path(out_dir).resolve(), Path(model).resolve()
-    if out_path == model_path or model_path.is_relative_to(out_path) or out_path.is_relative_to(model_path):
+    if model_path.is_relative_to(out_path):
         raise ArtifactError(f"--out {out_dir} overlaps the input model {model}; write the output to another folder")
 
 

@@ -63,8 +63,9 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if not self.models:
             raise RotaqError("bench needs at least one exported model folder")
-        if self.repeats < 1 or self.prefill_calls < 1 or self.warmup < 0 or self.decode_tokens < 1 or self.cached_tokens < 1:
-            raise RotaqError("bench: repeats, decode_tokens and cached_tokens must be at least 1, warmup at least 0")
+        if min(self.repeats, self.prefill_calls, self.decode_tokens, self.cached_tokens) < 1 or self.warmup < 0:
+            raise RotaqError("bench: repeats, prefill_calls, decode_tokens and cached_tokens must be at least 1, "
+                             "warmup at least 0")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise RotaqError(f"bench: prompt lengths {self.prompt_lengths} must be positive")
         unknown = set(self.peers) - set(PEERS)
@@ -90,10 +91,15 @@ class Target:
         return "onnxruntime-cuda" if self.spec.provider == CUDA else "onnxruntime-cpu"
 
     @classmethod
-    def for_export(cls, layout: ExportLayout, threads: int, provider: str = CPU) -> Target:
-        return cls(_label(layout), TargetSpec(ONNX, str(layout.folder), threads, provider), layout,
+    def for_export(cls, layout: ExportLayout, threads: int) -> Target:
+        return cls(_label(layout), TargetSpec(ONNX, str(layout.folder), threads), layout,
                    {"scheme": scheme_label(layout), "kernels": kernel_summary(layout),
                     "file_mb": graph_size_mb(layout), **graph_identity(layout)})
+
+    def on_cuda(self) -> Target:
+        """The same export timed on CUDA; its description (and graph hash) is the CPU target's."""
+        return Target(self.label, TargetSpec(ONNX, self.spec.path, self.spec.threads, CUDA), self.layout,
+                      dict(self.description))
 
     def logits_fn(self) -> Any:
         """The graph's logits callable for scoring, or None where it is not scored (PyTorch, CUDA)."""
@@ -207,7 +213,7 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
     import onnxruntime as ort
 
     if options.cuda and CUDA in ort.get_available_providers():
-        targets += [Target.for_export(t.layout, threads, CUDA) for t in targets if t.spec.kind == ONNX]
+        targets += [t.on_cuda() for t in targets if t.spec.kind == ONNX]
     else:
         notes["cuda"] = ("skipped: disabled" if not options.cuda else
                          "skipped: this onnxruntime has no CUDAExecutionProvider (install the onnxruntime-gpu extra)")
@@ -285,16 +291,16 @@ def time_rounds(workers: Workers, options: BenchOptions, warmup: int, rounds: in
     targets = workers.targets
     measures = [*(f"prefill_{length}" for length in options.prompt_lengths), "decode"]
     with progress_bar(total=(warmup + rounds) * len(targets) * len(measures), desc="bench",
-              disable=not options.progress) as bar:
+                      disable=not options.progress) as bar:
         for round_index in range(first_round, first_round + warmup + rounds):
             shift = round_index % len(targets)
             order = list(range(len(targets)))[shift:] + list(range(len(targets)))[:shift]
             measured: list[dict[str, float]] = [{} for _ in targets]
             for length in options.prompt_lengths:
+                key = f"prefill_{length}"
                 for _ in range(options.prefill_calls):
                     for index in order:
                         seconds = workers.ask(index, "prefill", length)
-                        key = f"prefill_{length}"
                         measured[index][key] = min(seconds, measured[index].get(key, math.inf))
                 bar.update(len(targets))
             for index in order:
@@ -433,12 +439,13 @@ def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = 
     threads = options.threads or default_threads()
     targets, notes = build_targets(options, threads)
     reference = targets[0]
+    machine = machine_info(threads)
     workers = Workers(targets)
     try:
         time_rounds(workers, options, options.warmup, options.repeats)
         timed = options.repeats
         while more_rounds is not None:
-            extra = more_rounds(*timing_rows(targets, options, threads, notes))
+            extra = more_rounds(*timing_rows(targets, options, machine, notes))
             if extra <= 0:
                 break
             time_rounds(workers, options, 0, extra, first_round=options.warmup + timed)
@@ -447,7 +454,7 @@ def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = 
             target.info["peak_rss_mb"] = workers.ask(index, "rss")
     finally:
         workers.close()
-    rows, meta = timing_rows(targets, options, threads, notes)
+    rows, meta = timing_rows(targets, options, machine, notes)
     windows = evaluation_windows(options, reference) if options.perplexity else None
     reference_fn = reference.logits_fn() if windows is not None else None
     if windows is not None:
@@ -461,9 +468,9 @@ def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = 
     return rows, meta
 
 
-def timing_rows(targets: list[Target], options: BenchOptions, threads: int, notes: dict[str, Any]
+def timing_rows(targets: list[Target], options: BenchOptions, machine: dict[str, Any], notes: dict[str, Any]
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows and metadata of what has been timed so far (no accuracy yet)."""
+    """The rows and metadata of what has been timed so far (no accuracy yet), on `machine_info`'s machine."""
     rows = []
     for target in targets:
         rows.append({"model": target.label, "runtime": target.runtime, **target.description,
@@ -471,7 +478,7 @@ def timing_rows(targets: list[Target], options: BenchOptions, threads: int, note
                      "peak_rss_mb": target.info.get("peak_rss_mb"),
                      # The worker's peak before it loaded the model (interpreter and imports).
                      "baseline_rss_mb": target.info["baseline_rss_mb"],
-                     "threads": threads, **options.extra_fields})
+                     "threads": machine["threads"], **options.extra_fields})
     add_ratios(rows, targets)
     speedups = {}
     for target in targets:
@@ -479,7 +486,7 @@ def timing_rows(targets: list[Target], options: BenchOptions, threads: int, note
         if base is not None and base is not target:
             speedups[sample_key(target.label, target.runtime)] = {
                 key: round_speedups(base.samples[key], samples) for key, samples in target.samples.items()}
-    meta = {"machine": machine_info(threads), "notes": notes, "repeats": len(targets[0].samples["decode"]),
+    meta = {"machine": machine, "notes": notes, "repeats": len(targets[0].samples["decode"]),
             "warmup": options.warmup, "prompt_lengths": list(options.prompt_lengths),
             "prefill_calls": options.prefill_calls,
             "cached_tokens": options.cached_tokens, "decode_tokens": options.decode_tokens,

@@ -110,8 +110,8 @@ class CheckpointFolder:
             (staging / STATE_NAME).write_text(json.dumps(payload, indent=1, default=str) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
-            for older in self.folder.glob(f"{STEP_PREFIX}*"):
-                if older != final:
+            for older in [*self.folder.glob(f"{STEP_PREFIX}*"), *self.folder.glob(f".{STEP_PREFIX}*.tmp")]:
+                if older != final:  # older steps, and the staging folder of a save that was killed
                     shutil.rmtree(older, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final

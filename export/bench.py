@@ -139,27 +139,28 @@ def kernel_summary(layout: ExportLayout) -> str:
     return ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common()) or "float MatMul"
 
 
-def graph_files(layout: ExportLayout) -> list[Path]:
-    """The graph and its external weights, as they are on disk."""
-    names = sorted({layout.manifest.get("graph", "model.onnx"), layout.manifest.get("external_data", "")} - {""})
-    return [path for path in map(layout.file_in_folder, names) if path.is_file()]
-
-
 def graph_size_mb(layout: ExportLayout) -> float:
     """Bytes on disk of the graph and its external weights, in MiB."""
-    return sum(path.stat().st_size for path in graph_files(layout)) / 2**20
+    return sum(path.stat().st_size for path in layout.graph_files()) / 2**20
 
 
 def graph_identity(layout: ExportLayout) -> dict[str, str]:
-    """What the CI gate matches baseline rows by: the SHA-256 of the graph files as they are now (not as
-    export.json recorded them: an edited graph is a different model), and the model's shape."""
+    """What the CI gate matches baseline rows by: the SHA-256 of the graph files as they are now, and the
+    model's shape. Each file's hash must also be the one export.json recorded: a corrupted or edited graph
+    is refused before it is timed (the hashes are computed here anyway)."""
     import hashlib
 
     from pipeline.artifacts import sha256_file
 
     digest = hashlib.sha256()
-    for path in graph_files(layout):
-        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    recorded = layout.manifest.get("files", {})
+    for path in layout.graph_files():
+        file_digest = sha256_file(path)
+        name = str(path.relative_to(layout.folder))
+        if name in recorded and recorded[name] != file_digest:
+            raise ArtifactError(f"{path} does not match the SHA-256 in {layout.folder / 'export.json'}: the graph "
+                                "was modified or corrupted; export it again")
+        digest.update(f"{path.name}:{file_digest}\n".encode())
     return {"graph_sha256": digest.hexdigest(),
             "shape": (f"{layout.num_layers} layers, {layout.num_kv_heads} kv heads x {layout.head_dim}, "
                       f"vocab {layout.vocab_size}")}

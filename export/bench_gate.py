@@ -93,6 +93,30 @@ def save_baseline(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) 
     return Path(path)
 
 
+def check_bench_outputs(out: Path, json_file: Path | None, force: bool = False) -> None:
+    """`bench --out D` writes only into a new or empty folder or an earlier bench's, and `--json F` replaces
+    only an earlier bench's rows (or anything, with --force): checked before timing, like every stage's --out,
+    so a typo cannot overwrite a user's bench.md or the export being timed."""
+    out = Path(out)
+    if out.exists() and not force:
+        if not out.is_dir():
+            raise RotaqError(f"--out {out} is a file; bench writes a folder (bench.md, bench.csv, bench.json)")
+        if any(out.iterdir()) and not (out / "bench_meta.json").is_file():
+            raise RotaqError(f"refusing to write into {out}: it exists and holds no earlier bench output "
+                             "(bench_meta.json); pick another --out, or pass --force")
+    if json_file is not None and Path(json_file).exists() and not force and not _is_bench_rows(Path(json_file)):
+        raise RotaqError(f"refusing to overwrite {json_file}: it exists and is not a rotaq bench --json file "
+                         "(--force replaces it)")
+
+
+def _is_bench_rows(path: Path) -> bool:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(row, dict) and {"model", "runtime"} <= row.keys() for row in rows)
+
+
 def check_baseline_target(path: Path, force: bool = False) -> None:
     """`--save-baseline F` replaces F only when it is a rotaq baseline (or with --force): checked before
     timing, so a typo cannot overwrite a user's file after minutes of benching."""

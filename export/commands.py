@@ -39,7 +39,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     options = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
     write(args.prompt)
-    result = generate_text(Path(args.folder), args.prompt, options, on_text=write, threads=args.threads)
+    result = generate_text(Path(args.folder), args.prompt, options, on_text=write, threads=args.threads,
+                           verify=args.verify)
     write("\n")
     rate = len(result.token_ids) / result.seconds if result.seconds > 0 else float("inf")
     print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens, {rate:.1f} tokens/s]",
@@ -59,9 +60,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2)))
     gate = baseline = more_rounds = None
-    if args.save_baseline:
-        from export.bench_gate import check_baseline_target
+    from export.bench_gate import check_baseline_target, check_bench_outputs
 
+    check_bench_outputs(Path(args.out), Path(args.json) if args.json else None, args.force)
+    if args.save_baseline:
         check_baseline_target(Path(args.save_baseline), args.force)
     if args.baseline:  # options and baseline are checked before spending minutes timing
         from export.bench_gate import GateOptions, load_baseline, more_rounds_while_inconclusive
@@ -126,6 +128,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("folder", help="folder written by `rotaq export`")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--verify", action="store_true",
+                          help="check the graph's SHA-256 against export.json before loading (default: its size)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -136,7 +140,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                                               "perplexity of exported models beside float32 ONNX and PyTorch")
     bench.add_argument("folders", nargs="+", help="folders written by `rotaq export`")
     bench.add_argument("--out", default="bench", help="folder for bench.{md,csv,json} (default ./bench)")
-    bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    bench.add_argument("--json", default=None,
+                       help="also write the rows to this JSON file (replaces only an earlier bench's --json)")
     bench.add_argument("--reference", default=None,
                        help="float32 export to compare against (default: one of the folders, or the float "
                             "parent of the first, exported into OUT/reference-fp32)")
@@ -159,7 +164,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="gate: while inconclusive, time --repeats more rounds, up to this many (default 20)")
     bench.add_argument("--save-baseline", default=None,
                        help="write this run as a baseline JSON (replaces only an existing baseline)")
-    bench.add_argument("--force", action="store_true", help="let --save-baseline replace any existing file")
+    bench.add_argument("--force", action="store_true",
+                       help="let --out, --json and --save-baseline replace files that are not an earlier bench's")
     bench.add_argument("--peer", action="append", default=[], choices=["genai"],
                        help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "
                             "(needs the 'peer' extra)")

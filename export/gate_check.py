@@ -69,6 +69,7 @@ def slowed_copy(folder: Path, dest: Path, matmuls: int = 40, width: int = 512) -
     manifest_path = dest / "export.json"
     manifest = json.loads(manifest_path.read_text())
     manifest.setdefault("files", {})["model.onnx"] = sha256_file(path)
+    manifest.setdefault("file_sizes", {})["model.onnx"] = path.stat().st_size
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
 

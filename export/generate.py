@@ -92,9 +92,11 @@ def load_tokenizer(folder: Path):  # -> tokenizers.Tokenizer
 
 
 def generate_text(folder: Path, prompt: str, options: SamplingOptions,
-                  on_text: Callable[[str], None] | None = None, threads: int | None = None) -> GenerationResult:
-    """Generate from `prompt`, passing each newly decoded piece of text to `on_text` as it appears."""
-    decoder = OnnxDecoder(folder, threads=threads)
+                  on_text: Callable[[str], None] | None = None, threads: int | None = None,
+                  verify: bool = False) -> GenerationResult:
+    """Generate from `prompt`, passing each newly decoded piece of text to `on_text` as it appears. The graph
+    files are checked against export.json first (sizes; SHA-256 with `verify`)."""
+    decoder = OnnxDecoder(folder, threads=threads, verify=verify)
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenizer.encode(prompt).ids
     # Decoding prompt + new tokens (not the new ones alone) keeps word boundaries and leading spaces.

@@ -71,6 +71,19 @@ class ExportLayout:
     def graph_path(self) -> Path:
         return self.file_in_folder(self.manifest.get("graph", GRAPH_NAME))
 
+    def graph_files(self) -> list[Path]:
+        """The graph and its external weights, as they are on disk."""
+        names = sorted({self.manifest.get("graph", GRAPH_NAME), self.manifest.get("external_data", "")} - {""})
+        return [path for path in map(self.file_in_folder, names) if path.is_file()]
+
+    def verify_graph(self, full: bool = False) -> None:
+        """The graph files against export.json before a runtime loads them: sizes always (a truncated or
+        swapped file), every byte's SHA-256 when `full` (about 1 s per 500 MB here)."""
+        from pipeline.artifacts import verify_files
+
+        names = [str(path.relative_to(self.folder)) for path in self.graph_files()]
+        verify_files(self.folder, self.manifest, full=full, names=[n for n in names if n in self.manifest.get("files", {})])
+
     def file_in_folder(self, name: str) -> Path:
         """A file export.json names, refused unless it lies inside the folder: a manifest must not make a
         runtime load a graph from elsewhere (`"../other/model.onnx"`)."""

@@ -47,10 +47,11 @@ class OnnxDecoder:
     """Runs the exported decoder: prefill or decode steps with an explicit KV cache."""
 
     def __init__(self, folder: Path, threads: int | None = None, provider: str = CPU,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, verify: bool = False) -> None:
         self.layout: ExportLayout = read_layout(folder)
         if not self.layout.graph_path.is_file():
             raise ArtifactError(f"{folder} lists {self.layout.graph_path.name} but the file is missing")
+        self.layout.verify_graph(full=verify)
         self.session = create_session(self.layout.graph_path, threads, provider, profile_prefix)
         self._past_names = past_names(self.layout.num_layers)
 

@@ -23,7 +23,7 @@ from export.onnx_export import export_onnx
 from export.quantized import emitters_for, quantized_weights
 from export.runtime import OnnxDecoder
 from export.side_path_cost import profiled_share, side_path_flops
-from pipeline.artifacts import package_versions, refuse_output_over_input, sha256_file, staged_folder
+from pipeline.artifacts import file_records, package_versions, refuse_output_over_input, staged_folder
 from pipeline.loading import LoadedModel, load_model
 
 # Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
@@ -77,8 +77,7 @@ def run_export(options: ExportOptions) -> Path:
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"stage": "export"}) + "\n")
         manifest["checks"] = checks
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
-                             if p.is_file() and p.name != MANIFEST_NAME}
+        manifest.update(file_records(tmp, exclude=(MANIFEST_NAME,)))
         _write_json(tmp / MANIFEST_NAME, manifest)
     return Path(options.out)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -15,12 +16,12 @@ import os
 import platform
 import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, RotaqError
+from pipeline.leftovers import owned_name, owner_is_gone, remove_path
 
 MANIFEST_NAME = "rotaq.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,12 +73,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
                                "rerun the stage that writes it")
 
 
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a Rust writer (safetensors' SafetensorError, tokenizers' bare Exception)
+    reports it only in its message."""
+    if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    # safetensors' Rust writer reports I/O failures as SafetensorError, with the OS error in its message.
-    return type(exc).__name__ == "SafetensorError" and any(
-        f"os error {number}" in str(exc) for number in (errno.ENOSPC, errno.EDQUOT))
+    text = str(exc)
+    return any(f"os error {number}" in text for number in (errno.ENOSPC, errno.EDQUOT)) or \
+        os.strerror(errno.ENOSPC) in text
 
 
 @contextlib.contextmanager
@@ -85,7 +88,7 @@ def _disk_errors_explained(target: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise RotaqError(f"disk full while writing {target}; nothing was replaced") from exc
         raise
 
@@ -105,20 +108,48 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` in one rename.
 
     An existing `out_dir` is only replaced if it is a rotaq folder or empty, so a typo in `--out`
-    cannot delete unrelated files.
+    cannot delete unrelated files. Temporary folders left by a killed writer are removed first.
     """
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not (is_artifact(out_dir) or _is_replaceable(out_dir)):
         raise ArtifactError(f"refusing to overwrite {out_dir}: it exists and is not a rotaq output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_stale_temporaries(out_dir)
+    tmp = _owned_sibling(out_dir, TEMP_KIND)
+    with _disk_errors_explained(out_dir):
+        tmp.mkdir()
     try:
         with _disk_errors_explained(out_dir):
             yield tmp
             _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+TEMP_KIND, TRASH_KIND = "tmp", "old"
+
+
+def _owned_sibling(out_dir: Path, kind: str) -> Path:
+    """`.NAME.KIND-PID-HEX`: the pid says whose it is (see pipeline.leftovers)."""
+    return out_dir.parent / owned_name(f".{out_dir.name}.{kind}")
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the temporary and half-swapped folders of `out_dir` whose writer is gone: without this a
+    killed export left ~630 MB behind for good. Returns what was removed."""
+    out_dir = Path(out_dir)
+    removed = []
+    for kind in (TRASH_KIND, TEMP_KIND):
+        stem = f".{out_dir.name}.{kind}"
+        for leftover in sorted(out_dir.parent.glob(f"{glob.escape(stem)}-*")):
+            if not owner_is_gone(leftover.name, stem):
+                continue
+            if kind == TRASH_KIND and not out_dir.exists():
+                os.replace(leftover, out_dir)  # killed mid-swap: the previous output comes back
+                continue
+            remove_path(leftover)
+            removed.append(leftover)
+    return removed
 
 
 def _is_replaceable(path: Path) -> bool:
@@ -129,7 +160,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
-    trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    trash = _owned_sibling(out_dir, TRASH_KIND)
     os.replace(out_dir, trash)
     os.replace(tmp, out_dir)
     shutil.rmtree(trash, ignore_errors=True)
@@ -171,19 +202,36 @@ def write_model_artifact(
             tokenizer.save_pretrained(str(tmp))
         for name, writer in (extra_writers or {}).items():
             writer(tmp / name)
-        manifest = dict(manifest)
-        manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        manifest = {**manifest, **file_records(tmp)}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return Path(out_dir)
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Check every hashed file is present and unchanged; a mismatch means a corrupted or edited folder."""
-    for name, expected in manifest.get("files", {}).items():
+CHEAP_HASH_BYTES = 64 << 20
+"""Files up to this size are hashed on every reuse (config, tokenizer, small graphs: milliseconds); larger
+ones (weights: about 1 s per 500 MB here) are checked by size, and hashed on request (`--verify`)."""
+
+
+def file_records(folder: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` (SHA-256) and `file_sizes` (bytes) of every file under `folder`."""
+    paths = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name not in exclude]
+    return {"files": {str(p.relative_to(folder)): sha256_file(p) for p in paths},
+            "file_sizes": {str(p.relative_to(folder)): p.stat().st_size for p in paths}}
+
+
+def verify_files(path: Path, manifest: dict[str, Any], full: bool = True, names: Iterable[str] | None = None) -> None:
+    """Check the files a manifest lists are present and unchanged: sizes always, SHA-256 of every file when
+    `full`, else of the small ones. `names` limits the check to some files (a graph and its data).
+    A mismatch means a truncated, corrupted or edited folder."""
+    hashes, sizes = manifest.get("files", {}), manifest.get("file_sizes", {})
+    for name in names if names is not None else hashes:
         file_path = Path(path) / name
         if not file_path.is_file():
-            raise ArtifactError(f"{path} is missing {name}, listed in its manifest")
-        if sha256_file(file_path) != expected:
-            raise ArtifactError(f"{file_path} does not match the hash in {MANIFEST_NAME}; the folder was modified")
+            raise ArtifactError(f"{path} is missing {name}, listed in its manifest; rerun the stage that wrote it")
+        size, expected_size = file_path.stat().st_size, sizes.get(name)
+        if expected_size is not None and size != expected_size:
+            raise ArtifactError(f"{file_path} is {size} bytes, its manifest says {expected_size}: the file is "
+                                "truncated or replaced; rerun the stage that wrote it")
+        if name in hashes and (full or size <= CHEAP_HASH_BYTES) and sha256_file(file_path) != hashes[name]:
+            raise ArtifactError(f"{file_path} does not match the SHA-256 in its manifest: the folder was modified "
+                                "or corrupted; rerun the stage that wrote it")

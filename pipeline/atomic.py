@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.leftovers import owned_name, owner_is_gone, remove_path
+
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file in the same folder, then rename it over `path` in one step."""
+    """Write to a temporary file in the same folder, then rename it over `path` in one step. The file gets
+    the mode a plain `open()` would give it (0666 less the umask), not a temporary file's 0600; a full
+    disk is a one-line error naming the file, with the previous file intact."""
+    from pipeline.artifacts import is_disk_full
+    from pipeline.errors import RotaqError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    stem = f".{path.name}.tmp"
+    for leftover in path.parent.glob(f"{glob.escape(stem)}-*"):
+        if owner_is_gone(leftover.name, stem):  # a writer killed between write and rename
+            remove_path(leftover)
+    tmp = path.parent / owned_name(stem)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+        with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise RotaqError(f"disk full while writing {path}; the previous file is intact") from exc
         raise
 
 

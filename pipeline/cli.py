@@ -1,7 +1,8 @@
 """The `rotaq` command: a thin argparse layer over the stage functions.
 
 Each stage package owns its subcommands in a `commands` module with `register(subparsers)`.
-User errors (`RotaqError`) print one line and exit 2; anything else is a bug and keeps its traceback.
+User errors (`RotaqError`, and an `OSError` such as a full disk or an unreadable path) print one line and
+exit 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,9 +46,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RotaqError as exc:
         print(f"rotaq: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave, or the disk under it: their problem, not a bug
+        if args.verbose:
+            raise
+        print(f"rotaq: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from pipeline.artifacts import is_disk_full
+
+        if not is_disk_full(exc):  # Rust writers report ENOSPC as SafetensorError or a bare Exception
+            raise
+        print(f"rotaq: error: disk full ({_first_line(exc)}); finished stage folders are intact", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("rotaq: interrupted; finished stage folders are intact", file=sys.stderr)
         return 130
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError that escaped the stages' own checks: what failed, on which file."""
+    from pipeline.artifacts import is_disk_full
+
+    where = f" {exc.filename}" if exc.filename else ""
+    if is_disk_full(exc):
+        return f"disk full while writing{where or ' the output'}; finished stage folders are intact"
+    return f"{exc.strerror or type(exc).__name__}:{where or ' ' + str(exc)} (rerun with -v for the traceback)"
 
 
 if __name__ == "__main__":

@@ -36,11 +36,35 @@ class _InvalidValue(Exception):
 
 def load_run_config(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """The defaults, updated by the YAML file at `path` (if any), then by each `key.path=value` override."""
-    raw = read_yaml_mapping(Path(path)) if path is not None else {}
+    raw = read_run_yaml(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(raw, *parse_override(override))
     origin = str(path) if path is not None else "the default configuration"
     return config_from_mapping(raw, f"{origin} with --set overrides" if overrides else origin)
+
+
+INPUT_PATH_KEYS = ("model", "data")
+"""Keys whose relative paths, written in a config file, mean the file's folder (a config moved with its model
+and text keeps working from any directory). `out` and --set values stay relative to the working directory,
+like --out."""
+
+
+def read_run_yaml(path: Path) -> dict[str, Any]:
+    """A run configuration file, its relative input paths resolved against the file's folder."""
+    raw = read_yaml_mapping(path)
+    for key in INPUT_PATH_KEYS:
+        value = raw.get(key)
+        if isinstance(value, str) and _is_relative_local_path(value, path.parent):
+            raw[key] = str((path.parent / value).resolve())
+    return raw
+
+
+def _is_relative_local_path(value: str, folder: Path) -> bool:
+    """`./x`, `../x`, or a relative name that exists beside the file; `default`, absolute paths, `~` and hub
+    ids (org/name, not beside the file) are left as written."""
+    if value in ("", "default", "shakespeare") or value.startswith(("/", "~")):
+        return False
+    return value.startswith(("./", "../")) or (folder / value).exists()
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

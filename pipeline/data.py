@@ -52,11 +52,39 @@ def load_documents(source: str | Path | None = None) -> list[Document]:
     return _read_hf_dataset(str(source))
 
 
+def check_data_source(source: str | None) -> None:
+    """Fail now, with the stage's own message, on text a stage would refuse later: a local source is read
+    whole (milliseconds for the default plays); a `datasets` name only needs the package."""
+    if source is not None and str(source) not in ("", "default", "shakespeare"):
+        path = Path(source).expanduser()
+        if not path.exists() and not (str(source).startswith(("/", ".", "~"))
+                                      or Path(str(source)).suffix in (*TEXT_SUFFIXES, ".jsonl")):
+            if importlib.util.find_spec("datasets") is None:
+                raise DataError(f"data '{source}' is not a file or folder, and the `datasets` package is not installed")
+            return
+    documents_with_text(source)
+
+
+def documents_with_text(source: str | None) -> list[Document]:
+    documents = load_documents(source)
+    if not any(d.text.strip() for d in documents):
+        raise DataError(f"data source '{source or 'default'}' contains no text")
+    return documents
+
+
 def _read_text(path: Path) -> Document:
     try:
-        return Document(path.name, path.read_text(encoding="utf-8", errors="replace"))
+        return Document(path.name, path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, exc) from exc
+
+
+def _not_text(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """Binary data decoded leniently would train and score on U+FFFD characters: refused instead."""
+    return DataError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} of the "
+                     "part read); pass a text file, a folder of .txt/.md files or JSONL")
 
 
 def _read_folder(folder: Path, suffixes: tuple[str, ...]) -> list[Document]:
@@ -67,6 +95,15 @@ def _read_folder(folder: Path, suffixes: tuple[str, ...]) -> list[Document]:
 
 
 def _read_jsonl(path: Path) -> list[Document]:
+    try:
+        return _parse_jsonl(path)
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, exc) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _parse_jsonl(path: Path) -> list[Document]:
     documents = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -136,9 +173,7 @@ class DataSpec:
 
 
 def load_split_windows(spec: DataSpec, tokenizer: Any, split: str) -> torch.Tensor:
-    documents = load_documents(spec.source)
-    if not any(d.text.strip() for d in documents):
-        raise DataError(f"data source '{spec.source or 'default'}' contains no text")
+    documents = documents_with_text(spec.source)
     return make_windows(split_tokens(tokenize_documents(documents, tokenizer), split), spec.seq_len, spec.max_tokens)
 
 

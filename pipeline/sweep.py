@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, RotaqError
-from pipeline.run import run_pipeline
+from pipeline.locks import LOCK_NAME, folder_lock
+from pipeline.run import check_run_inputs, run_pipeline
 from pipeline.run_plan import plan_run
 from pipeline.sweep_spec import SweepSpec, Variant
 from pipeline.sweep_table import SWEEP_FORMAT, variant_rows, write_sweep_outputs
@@ -66,11 +67,19 @@ class SweepOutcome:
 
 
 def run_sweep(spec: SweepSpec, out: Path, progress: ProgressLine | None = None,
-              show_stage_progress: bool = True) -> SweepOutcome:
+              show_stage_progress: bool = True, verify: bool = False) -> SweepOutcome:
     """Run each variant in turn (a variant that fails is recorded and the others go on; Ctrl-C stops)."""
     say = progress or (lambda line: None)
     variants = spec.expand()
+    for model, data in dict.fromkeys((variant.config.model, variant.config.data) for variant in variants):
+        check_run_inputs(model, data)  # before any variant runs
     folder = _prepare_sweep_folder(out)
+    with folder_lock(folder, "sweep --out"), folder_lock(folder / STORE_FOLDER, "sweep --out"):
+        return _sweep_locked(spec, folder, variants, say, show_stage_progress, verify)
+
+
+def _sweep_locked(spec: SweepSpec, folder: Path, variants: list[Variant], say: ProgressLine,
+                  show_stage_progress: bool, verify: bool) -> SweepOutcome:
     statuses: dict[str, dict[str, Any]] = {variant.name: {"name": variant.name, "values": variant.values,
                                                           "status": "pending"} for variant in variants}
     outputs = _write_outputs(folder, spec, variants, statuses)  # marks the folder as this sweep's from the start
@@ -80,7 +89,7 @@ def run_sweep(spec: SweepSpec, out: Path, progress: ProgressLine | None = None,
         try:
             outcome = run_pipeline(variant.config, folder / VARIANTS_FOLDER / variant.name,
                                    progress=lambda line: say(f"  {line}"), show_stage_progress=show_stage_progress,
-                                   store=folder / STORE_FOLDER)
+                                   store=folder / STORE_FOLDER, verify=verify)
         except RotaqError as exc:
             statuses[variant.name].update(status="failed", error=str(exc))
             say(f"  failed: {exc}")
@@ -110,7 +119,8 @@ def _prepare_sweep_folder(out: Path) -> Path:
     """Create the sweep folder; refuse a non-empty folder that holds no earlier sweep."""
     folder = out.expanduser().resolve()
     record = folder / SWEEP_RECORD
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _is_sweep_record(record))):
+    if folder.exists() and (not folder.is_dir() or (any(path.name != LOCK_NAME for path in folder.iterdir())
+                                                  and not _is_sweep_record(record))):
         raise ArtifactError(f"refusing to sweep into {folder}: it exists, is not empty and holds no {SWEEP_RECORD} "
                             "of an earlier sweep (pick a new --out, or an earlier sweep's folder to resume it)")
     folder.mkdir(parents=True, exist_ok=True)

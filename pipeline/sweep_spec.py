@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config_loading import ConfigError, apply_override, config_from_mapping, read_yaml_mapping
+from pipeline.config_loading import ConfigError, apply_override, config_from_mapping, read_run_yaml, read_yaml_mapping
 from pipeline.run_config import RunConfig
 
 SWEEP_KEYS = ("config", "set", "grid", "variants")
@@ -82,7 +82,7 @@ def load_sweep(path: Path, base_config: Path | None = None, overrides: Sequence[
         raise ConfigError(f"{path}: unknown sweep key(s) {', '.join(unknown)}; a sweep file holds "
                           f"{', '.join(SWEEP_KEYS)} (option keys go under grid:, variants: or set:)")
     base_path = base_config or (path.parent / raw["config"] if raw.get("config") else None)
-    base = read_yaml_mapping(Path(base_path)) if base_path is not None else {}
+    base = read_run_yaml(Path(base_path)) if base_path is not None else {}
     for key, value in [*_mapping(raw.get("set") or {}, path, "set").items(), *overrides]:
         apply_override(base, key, _as_list_if_needed(key, value))
     grid = _mapping(raw.get("grid") or {}, path, "grid")

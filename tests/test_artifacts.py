@@ -87,8 +87,23 @@ def test_modified_file_is_detected(tiny_hf_folder: Path, tmp_path: Path) -> None
     config = json.loads((out / "config.json").read_text())
     config["comment"] = "edited"
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="does not match"):
-        verify_files(out, read_manifest(out))
+    with pytest.raises(ArtifactError, match="truncated or replaced"):  # the size differs: found without hashing
+        verify_files(out, read_manifest(out), full=False)
+
+
+def test_same_size_corruption_is_found_by_the_hash(tiny_hf_folder: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = run_rotate(RotateOptions(model=str(tiny_hf_folder), out=tmp_path / "rotated"))
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    manifest = read_manifest(out)
+    verify_files(out, manifest, full=False, names=["config.json"])  # other files are not read
+    with pytest.raises(ArtifactError, match="does not match the SHA-256"):
+        verify_files(out, manifest, full=True)
+    monkeypatch.setattr("pipeline.artifacts.CHEAP_HASH_BYTES", 0)  # a large file: only its size is checked
+    verify_files(out, manifest, full=False)
 
 
 def test_rotation_without_online_rotations_still_exact(tiny_hf_folder: Path) -> None:

@@ -150,3 +150,37 @@ def test_gate_refuses_bad_input_before_timing_anything(exports: dict[str, Path],
     errors = capsys.readouterr().err
     assert "is not a positive number" in errors and "max-regression" in errors and "Traceback" not in errors
     assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()  # nothing was timed
+
+
+def test_bench_and_generate_refuse_a_corrupted_graph(exports: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    broken = Path(shutil.copytree(exports["w4a8"], tmp_path / "broken"))
+    data = broken / "model.onnx.data"
+    payload = bytearray(data.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF  # same size: found by the hash
+    data.write_bytes(bytes(payload))
+    assert _gate_run((exports["fp32"], broken), tmp_path / "b") == 2
+    assert "does not match the SHA-256" in capsys.readouterr().err
+    assert main(["generate", str(broken), "--prompt", "w3 w4", "--max-new-tokens", "2", "--verify"]) == 2
+    assert "does not match the SHA-256" in capsys.readouterr().err
+    data.write_bytes(bytes(payload[:-100]))  # truncated: found by the size, without --verify
+    assert main(["generate", str(broken), "--prompt", "w3 w4", "--max-new-tokens", "2"]) == 2
+    assert "truncated or replaced" in capsys.readouterr().err
+
+
+def test_bench_writes_only_where_it_may(exports: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    users = tmp_path / "reports"
+    users.mkdir()
+    (users / "bench.md").write_text("my notes")
+    assert _gate_run((exports["fp32"],), users) == 2
+    assert "holds no earlier bench output" in capsys.readouterr().err
+    assert _gate_run((exports["fp32"],), exports["w4a8"]) == 2  # an export folder is not a bench folder
+    capsys.readouterr()
+    (tmp_path / "rows.json").write_text('{"mine": 1}')
+    assert _gate_run((exports["fp32"],), tmp_path / "b", "--json", str(tmp_path / "rows.json")) == 2
+    assert "not a rotaq bench --json file" in capsys.readouterr().err
+    assert (users / "bench.md").read_text() == "my notes" and (tmp_path / "rows.json").read_text() == '{"mine": 1}'
+    assert not (tmp_path / "b").exists()

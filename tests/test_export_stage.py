@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -101,6 +103,11 @@ def test_bad_inputs_fail_with_one_clear_line(exported_folder: Path, tmp_path: Pa
     broken = tmp_path / "broken"
     shutil.copytree(exported_folder, broken)
     (broken / GRAPH_NAME).write_bytes(b"not a protobuf")
+    with pytest.raises(ArtifactError, match="truncated or replaced"):  # export.json records its size
+        OnnxDecoder(broken)
+    manifest = json.loads((broken / "export.json").read_text())
+    del manifest["file_sizes"], manifest["files"]  # an export.json that records nothing: ONNX Runtime finds it
+    (broken / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load"):
         OnnxDecoder(broken)
     assert not (tmp_path / "x").exists()

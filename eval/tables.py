@@ -15,11 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from eval.labels import Format, default_format, label
 from pipeline.atomic import atomic_write
 from pipeline.errors import RotaqError
-
-Format = str | Callable[[Any], str]
-"""A format spec for `format()` (e.g. ".2f", ".3e", ",d") or a function from value to cell text."""
 
 
 def markdown_table(
@@ -27,12 +25,13 @@ def markdown_table(
     columns: Sequence[str] | None = None,
     formats: Mapping[str, Format] | None = None,
 ) -> str:
-    """GitHub Markdown table; numeric columns are right-aligned, missing values left blank."""
+    """GitHub Markdown table; headers are the metrics' labels (`eval.labels`), numeric columns are
+    right-aligned and rounded as the labels say unless `formats` says otherwise, missing values blank."""
     columns = _columns(rows, columns)
     formats = formats or {}
-    cells = [[_escape(format_cell(row.get(col), formats.get(col))) for col in columns] for row in rows]
+    cells = [[_escape(format_cell(row.get(col), cell_format(col, formats))) for col in columns] for row in rows]
     align = ["---:" if is_numeric_column(rows, col) else "---" for col in columns]
-    lines = [_md_line([_escape(col) for col in columns]), _md_line(align)]
+    lines = [_md_line([_escape(label(col)) for col in columns]), _md_line(align)]
     lines += [_md_line(line) for line in cells]
     return "\n".join(lines) + "\n"
 
@@ -67,15 +66,24 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and getattr(value, "ndim", None) == 0 else value
 
 
+def cell_format(column: str, formats: Mapping[str, Format]) -> Format | None:
+    """The table's own format for a column, else the metric's (`eval.labels`)."""
+    return formats.get(column) or default_format(column)
+
+
 def format_cell(value: Any, fmt: Format | None) -> str:
-    """Cell text for Markdown: explicit format, else a sensible default per type."""
+    """Cell text for Markdown: explicit format, else a sensible default per type (also when the format does
+    not fit the value, e.g. a text in a number column)."""
     value = _plain(value)
     if value is None:
         return ""
     if callable(fmt):
         return fmt(value)
-    if fmt is not None:
-        return format(value, fmt)
+    if fmt is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return format(value, fmt)
+        except ValueError:  # "d" for a float
+            pass
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)

@@ -16,9 +16,9 @@ from typing import Any
 
 from pipeline.atomic import atomic_write
 from pipeline.config_template import yaml_value
-from eval.tables import is_numeric_column
+from eval.labels import label
 from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
-from pipeline.report_charts import plot_bench
+from pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training
 from pipeline.report_html import render_html
 from pipeline.run_results import RESULTS_FILE
 from pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
@@ -27,9 +27,9 @@ REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 CHARTS_FOLDER = "report_files"
 WORST_LAYERS_SHOWN = 10
+TRAINING_LOG_FILE = "training_log.json"  # adapters.finetune.TRAINING_LOG_FILE (not imported: it pulls in torch)
 
 _ACCURACY_COLUMNS = ["model", "stage", "scheme", "weights", "perplexity", "kl_divergence", "top1_agreement"]
-_ACCURACY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".2%"}
 # (row label, statistic in outliers_summary.json, its worst-layer field or None)
 _OUTLIER_STATISTICS = [
     ("max |x| / RMS, worst layer", "max_abs_over_rms", "max_abs_over_rms_layer"),
@@ -83,16 +83,36 @@ def write_report(run_folder: Path) -> Path:
 def _summary_section(run: RunFiles) -> list[Block]:
     """Each deployable model (the last float model and every quantized one) with its accuracy beside its
     speed and size, as `rotaq run` prints it and a sweep tabulates it."""
-    from pipeline.sweep_table import SUMMARY_FORMATS, run_summary  # imported here: it reads RunFiles from here
+    from pipeline.sweep_table import run_summary  # imported here: it reads RunFiles from here
 
     rows, columns = run_summary(run.folder)
     if not rows:
         return []
-    return [Heading("Summary"),
-            Paragraph("Perplexity on held-out text (ppl_vs_source: against the float source model; KL and top-1 "
-                      "against it too); decode and prefill speed-ups against the float32 ONNX graph timed in the "
-                      "same bench run; size of the exported files. Details in the sections below."),
-            Table(rows, columns, SUMMARY_FORMATS)]
+    blocks: list[Block] = [
+        Heading("Summary"),
+        Paragraph("Perplexity on held-out text (× source ppl, KL and top-1 agreement: against the float source "
+                  "model); decode and prefill speed-ups (×) against the float32 ONNX graph timed in the same bench "
+                  "run; size of the exported files. Details in the sections below."),
+        Table(rows, columns)]
+    chart = f"{CHARTS_FOLDER}/tradeoff.png"
+    if plot_accuracy_tradeoff(_tradeoff_points(run, rows), run.folder / chart):
+        blocks.append(Figure(chart, "Perplexity against decode speed-up over float32 (left) and against size "
+                                    "(right); the dashed line is the Pareto front. A model off the front is beaten "
+                                    "on both axes by one on it; the peer's points (when timed) are grey squares."))
+    return blocks
+
+
+def _tradeoff_points(run: RunFiles, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summary's models, plus the peer's graphs from the bench (scored there on the same text)."""
+    points = [{"label": row["branch"], "perplexity": row.get("perplexity"), "decode_speedup": row.get("decode_speedup"),
+               "file_mb": row.get("file_mb"), "kind": "float" if row["branch"] == "float" else "rotaq"}
+              for row in rows]
+    entry = run.stage_named("bench")
+    for row in (run.json(entry["done_file"]) or []) if entry else []:
+        if str(row.get("scheme", "")).startswith("genai"):
+            points.append({"label": row["scheme"], "perplexity": row.get("perplexity"),
+                           "decode_speedup": row.get("decode_speedup"), "file_mb": row.get("file_mb"), "kind": "peer"})
+    return points
 
 
 def _accuracy_section(run: RunFiles) -> list[Block]:
@@ -109,7 +129,7 @@ def _accuracy_section(run: RunFiles) -> list[Block]:
                       f"predicted tokens per model in windows of {rows[0]['seq_len']}. KL divergence "
                       f"KL(reference ‖ model) per token and top-1 agreement are against the float source model "
                       f"({reference}).{same_tokens}"),
-            Table(rows, _ACCURACY_COLUMNS, _ACCURACY_FORMATS)]
+            Table(rows, _ACCURACY_COLUMNS)]
 
 
 def _outlier_section(run: RunFiles) -> list[Block]:
@@ -150,6 +170,15 @@ def _adapter_section(run: RunFiles) -> list[Block]:
             "lor2c_changes_at_steps": [c["step"] for c in adapters.get("structure_changes", [])] or None,
             **{k: training.get(k) for k in ("steps", "final_loss", "eval_perplexity_before", "eval_perplexity_after",
                                             "tokens_per_s", "wall_time_s")}})
+    figures = []
+    for entry in run.stages("finetune"):
+        log = run.json(f"{entry['output']}/{TRAINING_LOG_FILE}")
+        chart = f"{CHARTS_FOLDER}/training.png"
+        if log and plot_training(log, run.folder / chart):
+            figures.append(Figure(chart, "Training loss per optimizer step (thin) with its rolling mean (thick), and "
+                                         "held-out perplexity where it was measured (red, right axis): a curve that "
+                                         "flattens means the schedule was long enough; a rising perplexity means "
+                                         "over-fitting."))
     for entry in run.stages("merge"):
         merge = (run.json(entry["done_file"]) or {}).get("merge") or {}
         rows += _quantities("merge", {"method": merge.get("method"), "exact": merge.get("exact"),
@@ -161,7 +190,7 @@ def _adapter_section(run: RunFiles) -> list[Block]:
     return [Heading("Fine-tuning and merge"),
             Paragraph("The merge error compares the merged model with the unmerged adapted one on held-out "
                       "windows (KL and top-1 against the adapted model)."),
-            Table(rows, ["step", "quantity", "value"])]
+            Table(rows, ["step", "quantity", "value"]), *figures]
 
 
 def _side_path_cost(step: str, side_paths: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -178,29 +207,60 @@ def _side_path_cost(step: str, side_paths: Mapping[str, Any] | None) -> list[dic
 
 
 def _quantities(step: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"step": step, "quantity": name, "value": value} for name, value in values.items() if value is not None]
+    return [{"step": step, "quantity": label(name), "value": value} for name, value in values.items() if value is not None]
+
+
+_LATENCY_COLUMNS = ["model", "runtime", "decode_tokens_per_s", "decode_speedup", "prefill_ms_*", "prefill_speedup_*"]
+_FOOTPRINT_COLUMNS = ["model", "runtime", "file_mb", "size_ratio", "peak_rss_mb", "perplexity", "kernels"]
+_CHARTED = ["decode_tokens_per_s", "decode_speedup", "prefill_ms_*", "file_mb", "peak_rss_mb"]
 
 
 def _bench_section(run: RunFiles) -> list[Block]:
-    rows = []
-    for entry in run.stages("bench"):
-        for row in run.json(entry["done_file"]) or []:
-            rows.append({"stage": entry["name"], **row})
+    """The run's one bench: every export, PyTorch eager and the peer timed together against one float32 graph."""
+    entry = run.stage_named("bench")
+    rows = [dict(row) for row in (run.json(entry["done_file"]) or [])] if entry else []
     if not rows:
         return []
+    branches = _branch_of_export(run, entry)
+    for row in rows:
+        row["model"] = branches.get(row["model"], row["model"])
     _fill_perplexity(run, rows)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    metrics = [c for c in columns if c != "perplexity" and is_numeric_column(rows, c)]
-    labels = [" ".join(str(row[k]) for k in ("model", "scheme") if row.get(k)) or row["stage"] for row in rows]
-    blocks: list[Block] = [Heading("Latency, size and memory"),
-                           Paragraph("Measured by the bench stage in ONNX Runtime on the exported graphs; "
-                                     "perplexity from results.json where the bench row has none."),
-                           Table(rows, columns)]
-    if metrics:
+    latency, footprint, charted = (_present(rows, names) for names in (_LATENCY_COLUMNS, _FOOTPRINT_COLUMNS, _CHARTED))
+    labels = [f"{row['model']} ({row['runtime']})" if row.get('runtime') else str(row['model']) for row in rows]
+    blocks: list[Block] = [
+        Heading("Latency, size and memory"),
+        Paragraph("One bench run timed every model below in interleaved rounds, so each ratio (×) is against the "
+                  "float32 ONNX graph of the same rounds; medians over the rounds. Perplexity of the graphs "
+                  "themselves where the bench scored them, else of the model they were exported from."),
+        Table(rows, latency), Table(rows, footprint)]
+    if charted:
         chart = f"{CHARTS_FOLDER}/bench.png"
-        plot_bench(rows, metrics, labels, run.folder / chart)
-        blocks.append(Figure(chart, "Bench results per exported model"))
+        plot_bench(rows, charted, labels, run.folder / chart, titles={column: label(column) for column in charted})
+        blocks.append(Figure(chart, "Each model's bench numbers side by side: longer bars are faster for tok/s and "
+                                    "×, slower for ms, larger for MiB."))
     return blocks
+
+
+def _present(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """The named columns the rows have values for, `prefix_*` standing for every prompt length."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = []
+    for name in names:
+        matches = [key for key in keys if key.startswith(name[:-1]) and key[len(name) - 1:].isdigit()] \
+            if name.endswith("*") else [name]
+        columns += [key for key in matches if any(row.get(key) is not None for row in rows)]
+    return columns
+
+
+def _branch_of_export(run: RunFiles, bench: Mapping[str, Any]) -> dict[str, str]:
+    """Export folder name (what bench rows are named by) -> its export stage's name (`export-w4a4`), so rows
+    read the same in a run folder and in a sweep's store (`export-w4a4-<key>`)."""
+    names = {}
+    for export_name in bench["inputs"].values():
+        export = run.stage_named(export_name)
+        if export is not None:
+            names[Path(export["output"]).name] = export_name
+    return names
 
 
 def _fill_perplexity(run: RunFiles, rows: list[dict[str, Any]]) -> None:
@@ -208,8 +268,8 @@ def _fill_perplexity(run: RunFiles, rows: list[dict[str, Any]]) -> None:
     results = run.json(RESULTS_FILE) or {"rows": []}
     perplexity = {row["model"]: row["perplexity"] for row in results["rows"]}
     for row in rows:
-        if row.get("perplexity") is None:
-            model = _evaluated_upstream(run, row["stage"], perplexity)
+        if row.get("perplexity") is None and run.stage_named(row["model"]) is not None:
+            model = _evaluated_upstream(run, row["model"], perplexity)
             row["perplexity"] = perplexity.get(model)
 
 

@@ -41,10 +41,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def summary_table(run_folder: Path) -> str:
     """The run's main numbers for the terminal: each deployable model's accuracy, speed-up and size."""
     from eval.tables import markdown_table
-    from pipeline.sweep_table import SUMMARY_FORMATS, run_summary
+    from pipeline.sweep_table import run_summary
 
     rows, columns = run_summary(run_folder)
-    return markdown_table(rows, columns, SUMMARY_FORMATS) if rows else "no evaluated model in this run"
+    return markdown_table(rows, columns) if rows else "no evaluated model in this run"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

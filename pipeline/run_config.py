@@ -178,16 +178,25 @@ class ExportConfig:
     check_tokens: int = setting(32, "tokens per sequence of the export's logit checks", minimum=2)
 
 
+def _peer_names() -> tuple[str, ...]:
+    from export.bench import PEERS
+
+    return PEERS
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    """bench: latency, size and memory of every exported branch in ONNX Runtime."""
+    """bench: latency, size and memory of every exported branch in ONNX Runtime, all in one interleaved run."""
 
     enabled: bool = setting(True, "run the bench stage")
     prompt_lengths: tuple[int, ...] = setting((128, 512), "prompt lengths whose prefill time is measured", minimum=1)
     decode_tokens: int = setting(64, "tokens generated to measure decode speed", minimum=1)
     threads: int | None = setting(None, "ONNX Runtime intra-op threads (null: all cores)", minimum=1)
     repeats: int = setting(5, "interleaved timing rounds per model (medians are reported)", minimum=1)
-    eager: bool = setting(True, "also time PyTorch eager float32 (in the float branch's bench)")
+    eager: bool = setting(True, "also time PyTorch eager float32")
+    peer: str | None = setting(None, "also build and time onnxruntime-genai's int4/int8 builder graphs of the source "
+                               "model in the same bench: genai (needs the 'peer' extra), or null",
+                               choices=_peer_names)
 
 
 @dataclass(frozen=True)

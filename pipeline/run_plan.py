@@ -1,7 +1,7 @@
 """Which stage instances a run needs, in order, with their inputs and cache keys.
 
 The float model goes source → rotate → finetune → merge; each quantize scheme then branches off the last
-float model into quantize → export → bench (plus a float export/bench branch as the baseline). Outliers,
+float model into quantize → export (plus a float export as the baseline); one bench times every export. Outliers,
 one evaluation per model, results.json and the report follow. A stage that is disabled is left out; one
 that is not available in this codebase is listed as skipped, and so is everything that needs its output,
 while the float lineage continues from the last stage that does run.
@@ -94,12 +94,11 @@ def plan_run(config: RunConfig, run_folder: Path, store: Path | None = None) -> 
     if config.export.enabled:
         exports = {branch: plan.add("export", f"export-{branch}", {"model": model}, branch=branch)
                    for branch, model in branches.items()}
-        # Each quantized bench also times the float export, its reference, in the same run.
-        reference = {"reference": exports["float"]} if plan.will_run(exports.get("float")) else {}
-        for branch, exported in exports.items():
-            if config.bench.enabled:
-                inputs = {"model": exported, **(reference if branch != "float" else {})}
-                plan.add("bench", f"bench-{branch}", inputs, branch=branch)
+        # One bench times every export (and the peer) in one interleaved run, so every ratio in the report
+        # shares one float32 reference; its key is the set of exports it times.
+        timed = {bench_role(branch): exported for branch, exported in exports.items() if plan.will_run(exported)}
+        if config.bench.enabled and timed:
+            plan.add("bench", "bench", timed)
     if config.outliers.enabled and plan.will_run(rotated):
         plan.add("outliers", "outliers", {"model": rotated, "before": SOURCE})
     evaluations = {}
@@ -109,6 +108,11 @@ def plan_run(config: RunConfig, run_folder: Path, store: Path | None = None) -> 
     plan.add("results", "results", evaluations)
     plan.add("report", "report", {stage.name: stage.name for stage in plan.stages})
     return RunPlan(config.model, plan.stages, plan.skipped)
+
+
+def bench_role(branch: str) -> str:
+    """The bench stage's input name for a branch's export: `model-float`, `model-w4a4`, ..."""
+    return f"model-{branch}"
 
 
 class _PlanBuilder:

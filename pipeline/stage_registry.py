@@ -181,19 +181,19 @@ def _export(api: ModuleType, call: StageCall) -> None:
 
 def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
     # The graphs' perplexity is measured on the run's own held-out text.
-    # PyTorch eager is timed once per run, beside the float export, not again in every quantized branch.
-    return {**_section_options(config.bench), "eager": config.bench.eager and branch == "float",
-            "data": config.data, "seq_len": config.seq_len, "eval_tokens": config.eval.max_tokens}
+    return {**_section_options(config.bench), "data": config.data, "seq_len": config.seq_len,
+            "eval_tokens": config.eval.max_tokens}
 
 
 def _bench(api: ModuleType, call: StageCall) -> None:
     options = call.options
     evaluation = DataSpec(options["data"], options["seq_len"], options["eval_tokens"])
-    api.run_bench(api.BenchOptions(models=(call.inputs["model"],), out=call.output,
-                                   reference=call.inputs.get("reference"),
+    api.run_bench(api.BenchOptions(models=tuple(call.inputs.values()), out=call.output,
+                                   reference=call.inputs.get("model-float"),
                                    prompt_lengths=tuple(options["prompt_lengths"]),
                                    decode_tokens=options["decode_tokens"], threads=options["threads"],
                                    repeats=options["repeats"], eager=options["eager"],
+                                   peers=(options["peer"],) if options["peer"] else (),
                                    evaluation=evaluation, progress=False))
 
 

@@ -8,7 +8,6 @@ that stays comparable across variants benchmarked minutes apart); training time 
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from eval.tables import csv_text, json_records, markdown_table
 from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.config_template import yaml_value
 from pipeline.report import RunFiles
+from pipeline.report_charts import pareto_front, plot_accuracy_tradeoff
 from pipeline.run_results import RESULTS_FILE
 from pipeline.stage_cache import RUN_RECORD, read_marker
 
@@ -32,11 +32,9 @@ FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
 _METRIC_COLUMNS = ["perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement", "decode_tokens_per_s",
                    "decode_speedup", "prefill_ms", "prefill_speedup", "file_mb", "size_ratio", "peak_rss_mb",
                    "finetune_s", "trainable_parameters", "pareto"]
+BENCH_STAGE = "bench"  # the one bench stage of a run (pipeline.run_plan)
 SUMMARY_COLUMNS = ["branch", "model", "perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement",
                    "decode_tokens_per_s", "decode_speedup", "prefill_speedup", "file_mb", "size_ratio"]
-SUMMARY_FORMATS = {"kl_divergence": ".3e", "top1_agreement": ".3f", "ppl_vs_source": ".3f", "decode_speedup": ".2f",
-            "prefill_speedup": ".2f", "size_ratio": ".3f", "file_mb": ".1f", "finetune_s": ".0f",
-            "trainable_parameters": ",d"}
 
 
 def variant_rows(run_folder: Path, variant: str, values: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -77,8 +75,9 @@ def run_summary(run_folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _identity(run: RunFiles, model: str, branch: str) -> str:
-    """The keys of the evaluated model and of its bench: equal for the same numbers reached by two variants."""
-    keys = [(run.stage_named(name) or {}).get("key", name) for name in (model, f"bench-{branch}")]
+    """The keys of the evaluated model and of its export: equal for the same model reached by two variants (its
+    bench numbers are then those of the first variant's bench, whose float32 reference it is or shares)."""
+    keys = [(run.stage_named(name) or {}).get("key", name) for name in (model, f"export-{branch}")]
     return "/".join(keys)
 
 
@@ -116,8 +115,8 @@ def _trainable_parameters(run: RunFiles) -> int | None:
 
 
 def _bench_numbers(run: RunFiles, branch: str) -> dict[str, Any]:
-    """Decode, prefill, size and memory of the branch's exported graph, from its bench stage."""
-    bench, export = run.stage_named(f"bench-{branch}"), run.stage_named(f"export-{branch}")
+    """Decode, prefill, size and memory of the branch's exported graph, from the run's bench stage."""
+    bench, export = run.stage_named(BENCH_STAGE), run.stage_named(f"export-{branch}")
     if bench is None or export is None:
         return {}
     bench_rows = run.json(bench["done_file"]) or []
@@ -137,69 +136,17 @@ def _bench_numbers(run: RunFiles, branch: str) -> dict[str, Any]:
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
     """Set `pareto` to the fronts (latency, size) each row is on: no other row is at least as good on both
     axes and better on one."""
+    fronts = {name: [id(row) for row in pareto_front(rows, column, larger)] for name, column, larger in FRONTS}
     for row in rows:
-        row["pareto"] = "+".join(name for name, column, larger in FRONTS if _on_front(row, rows, column, larger)) or None
-
-
-def _on_front(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], column: str, larger: bool) -> bool:
-    if row.get(ACCURACY) is None or row.get(column) is None:
-        return False
-
-    def cost(item: Mapping[str, Any]) -> tuple[float, float]:
-        return item[ACCURACY], -item[column] if larger else item[column]
-
-    mine = cost(row)
-    for other in rows:
-        if other is row or other.get(ACCURACY) is None or other.get(column) is None:
-            continue
-        theirs = cost(other)
-        if theirs[0] <= mine[0] and theirs[1] <= mine[1] and theirs != mine:
-            return False
-    return True
+        row["pareto"] = "+".join(name for name, members in fronts.items() if id(row) in members) or None
 
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    """Perplexity against decode speed-up and against file size, the front joined and its points labelled.
-    None (nothing drawn) when no row has bench numbers."""
-    panels = [(name, column, larger) for name, column, larger in FRONTS
-              if any(row.get(column) is not None and row.get(ACCURACY) is not None for row in rows)]
-    if not panels:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter
-
-    figure = Figure(figsize=(6.5 * len(panels), 5.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(panels), squeeze=False).ravel()
-    labels = {"decode_speedup": "decode speed-up vs float32 ONNX (higher is better)",
-              "file_mb": "model files, MB (lower is better)"}
-    for ax, (name, column, larger) in zip(axes, panels, strict=True):
-        points = [row for row in rows if row.get(column) is not None and row.get(ACCURACY) is not None]
-        front = sorted((row for row in points if name in (row.get("pareto") or "").split("+")),
-                       key=lambda row: row[column])
-        ax.scatter([row[column] for row in points], [row[ACCURACY] for row in points], color="tab:gray",
-                   label="variant × branch")
-        ax.plot([row[column] for row in front], [row[ACCURACY] for row in front], color="tab:red", marker="o",
-                label="Pareto front")
-        for row in front:
-            ax.annotate(_point_label(row), (row[column], row[ACCURACY]), xytext=(4, 4), textcoords="offset points",
-                        fontsize="x-small")
-        ax.set_xlabel(labels[column])
-        ax.set_ylabel("held-out perplexity (lower is better)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter())  # "40", not "4 x 10^1"
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    atomic_write(path, buffer.getvalue())
-    return path
-
-
-def _point_label(row: Mapping[str, Any]) -> str:
-    return f"{row['branch']} | {row['variant']}"
+    """Perplexity against decode speed-up and against file size for every variant's models, the front dashed
+    (the run report draws the same picture for one run). None (nothing drawn) when no row has bench numbers."""
+    return plot_accuracy_tradeoff([{"label": f"{row['branch']} | {row['variant']}", "perplexity": row.get(ACCURACY),
+                                    "decode_speedup": row.get("decode_speedup"), "file_mb": row.get("file_mb"),
+                                    "kind": "float" if row["branch"] == FLOAT_BRANCH else "rotaq"} for row in rows], path)
 
 
 def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[str],
@@ -223,7 +170,7 @@ def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[s
              "against the float32 ONNX graph timed in the same bench run. A model that several variants share "
              "(the float model, most often) is listed once, under the first. `pareto` names the fronts a row "
              "is on (lower perplexity with higher decode speed-up, or with smaller files).", "",
-             markdown_table(rows, columns, SUMMARY_FORMATS)]
+             markdown_table(rows, columns)]
     lines += [f"![Pareto fronts]({PARETO_PNG})", ""] if plot else ["No row has bench numbers, so no Pareto plot "
                                                                    "(enable export and bench to draw one).", ""]
     failed = [variant for variant in variants if variant.get("status") == "failed"]

@@ -286,7 +286,7 @@ def test_write_table(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["eval.w4.csv", "eval.w4.json", "eval.w4.md"]
 
     md = paths["md"].read_text().splitlines()
-    assert md[0] == "| model | ppl | tokens | kl |"
+    assert md[0] == "| Model | ppl | tokens | kl |"  # the label of a known key (eval.labels); CSV keeps the key
     assert md[1] == "| --- | ---: | ---: | ---: |"
     assert md[2] == "| base | 12.35 | 1,000 |  |"
     assert md[3] == "| w4\\|rot | 13 | 1,000 | nan |"

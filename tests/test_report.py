@@ -31,7 +31,7 @@ def run_folder(tmp_path: Path) -> Path:
         "stages": [stage("merge", "merge", "merge/rotaq.json", "source"),
                    stage("quantize-w4a4", "quantize", "quantize-w4a4/rotaq.json", "merge"),
                    stage("export-w4a4", "export", "export-w4a4/export.json", "quantize-w4a4"),
-                   stage("bench-w4a4", "bench", "bench-w4a4/bench.json", "export-w4a4")],
+                   {**stage("bench", "bench", "bench/bench.json"), "inputs": {"model-w4a4": "export-w4a4"}}],
         "skipped": [{"name": "finetune-extra", "stage": "finetune", "reason": "not available: adapters.x"}]})
     write_json(tmp_path / "stages" / "merge.json", {"key": "merge-key".ljust(64, "0"), "seconds": 12.345,
                                                     "finished": "2030-01-02T03:04:05+0000"})
@@ -43,32 +43,33 @@ def run_folder(tmp_path: Path) -> Path:
                                            "rows": [{"model": "quantize-w4a4", "stage": "quantize", "scheme": "w4a4",
                                                      "perplexity": 31.41592, "kl_divergence": 0.0271828,
                                                      "top1_agreement": 0.8765, "tokens": 606, "seq_len": 7}]})
-    write_json(tmp_path / "bench-w4a4" / "bench.json", [
-        {"model": "tiny-model", "scheme": "w4a4", "prefill_ms_128": 3.21, "decode_tokens_per_s": 87.6,
-         "file_mb": 0.456, "peak_rss_mb": 222.5}])
+    write_json(tmp_path / "bench" / "bench.json", [
+        {"model": "export-w4a4", "runtime": "onnxruntime", "scheme": "w4a4", "prefill_ms_128": 3.21,
+         "decode_tokens_per_s": 87.6, "file_mb": 0.456, "peak_rss_mb": 222.7}])
     return tmp_path
 
 
 def test_every_number_comes_from_the_run_files(run_folder: Path) -> None:
     write_report(run_folder)
     markdown, page = (run_folder / "report.md").read_text(), (run_folder / "report.html").read_text()
-    for text in ("9.9.9", "31.42", "2.718e-02", "87.65%", "606 predicted tokens", "windows of 7", "0.000617",
-                 "12.3", "2030-01-02T03:04:05+0000", "3.21", "87.6", "222.5", "7.7.7", "7.7.8",
+    for text in ("9.9.9", "31.42", "2.72e-02", "87.6%", "606 predicted tokens", "windows of 7", "0.000617",
+                 "12.3", "2030-01-02T03:04:05+0000", "3.2", "87.6", "223", "7.7.7", "7.7.8",
                  "skipped (not available: adapters.x)"):
         assert text in markdown, text
         assert text in page, text
     bench_table = markdown.split("## Latency, size and memory")[1].split("\n## ")[0]
     assert "| 31.42 |" in bench_table  # the perplexity of the quantized model the bench row was exported from
     assert "elsewhere" not in markdown  # the configured folder is not where the report is
-    assert page.count("data:image/png;base64,") == 1 and (run_folder / "report_files" / "bench.png").is_file()
+    assert page.count("data:image/png;base64,") == 2  # the bench chart and the accuracy trade-off
+    assert all((run_folder / "report_files" / name).is_file() for name in ("bench.png", "tradeoff.png"))
 
 
 def test_sections_without_their_json_are_left_out(run_folder: Path) -> None:
-    (run_folder / "bench-w4a4" / "bench.json").unlink()
+    (run_folder / "bench" / "bench.json").unlink()
     (run_folder / "merge" / "rotaq.json").unlink()
     write_report(run_folder)
     markdown = (run_folder / "report.md").read_text()
-    assert "## Accuracy" in markdown and "bench-w4a4 | not finished" in markdown
+    assert "## Accuracy" in markdown and "bench | not finished" in markdown
     for absent in ("Latency", "Fine-tuning and merge", "Activation outliers", "report_files"):
         assert absent not in markdown
     assert not (run_folder / "report_files").exists()

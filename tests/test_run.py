@@ -165,7 +165,7 @@ def test_stage_missing_from_the_codebase_is_skipped_and_the_lineage_goes_on(
     skipped = {stage.name: stage.reason for stage in plan.skipped}
     assert skipped["finetune"].startswith("not available: adapters.not_written does not import")
     assert skipped["merge"] == "needs finetune"
-    assert skipped["bench-float"].startswith("not available") and skipped["bench-w4a8"].startswith("not available")
+    assert skipped["bench"].startswith("not available")
     assert plan.stage("quantize-w4a8").inputs == {"model": "rotate"}
     assert plan.stage("export-float").inputs == {"model": "rotate"}
     assert "evaluate-merge" not in [stage.name for stage in plan.stages]
@@ -181,16 +181,18 @@ class FakeBenchOptions:
     threads: int | None
     repeats: int = 5
     eager: bool = True
+    peers: tuple[str, ...] = ()
     evaluation: Any = None
     progress: bool = True
 
 
 def fake_bench(options: FakeBenchOptions) -> None:
-    """Stands in for the bench stage still being written: rows in the agreed bench.json format."""
-    row = {"model": Path(options.models[0]).name, "scheme": "float", "prefill_ms_128": 1.25, "prefill_ms_512": 4.5,
-           "decode_tokens_per_s": 321.0, "file_mb": 0.75, "peak_rss_mb": 512.0}
+    """Stands in for the bench stage: rows in the agreed bench.json format, one per model timed."""
+    rows = [{"model": Path(model).name, "runtime": "onnxruntime", "scheme": "float", "prefill_ms_128": 1.25,
+             "prefill_ms_512": 4.5, "decode_tokens_per_s": 321.0, "file_mb": 0.75, "peak_rss_mb": 512.0}
+            for model in options.models]
     Path(options.out).mkdir(parents=True)
-    (Path(options.out) / "bench.json").write_text(json.dumps([row]))
+    (Path(options.out) / "bench.json").write_text(json.dumps(rows))
 
 
 def fake_export(options: Any) -> None:
@@ -209,11 +211,11 @@ def test_export_and_bench_results_reach_the_report(tmp_path: Path, tiny_hf_folde
                          quantize__enabled=False, export__enabled=True)
     outcome = run_pipeline(config, tmp_path / "run", show_stage_progress=False)
     assert [name for name, stage in outcome.stages.items() if stage.status == "done"] == [
-        "export-float", "bench-float", "evaluate-source", "results", "report"]
+        "export-float", "bench", "evaluate-source", "results", "report"]
     markdown = (tmp_path / "run" / "report.md").read_text()
     source = json.loads((tmp_path / "run" / "results.json").read_text())["rows"][0]
     bench_table = markdown.split("## Latency, size and memory")[1].split("##")[0]
-    assert "| 321 |" in bench_table and f"| {source['perplexity']:.4g} |" in bench_table
+    assert "| 321.0 |" in bench_table and f"| {source['perplexity']:.2f} |" in bench_table
     assert "fake-1.0" in markdown and (tmp_path / "run" / "report_files" / "bench.png").is_file()
 
 

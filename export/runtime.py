@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.layout import ATTENTION_MASK, INPUT_IDS, SESSION_CONFIG, ExportLayout, past_names, read_layout
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, first_line
 
 
 CPU = "CPUExecutionProvider"
@@ -38,9 +38,8 @@ def create_session(graph: Path | bytes, threads: int | None = None, provider: st
         providers = [provider] if provider == CPU else [provider, CPU]
         return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types for every load failure
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         name = "the graph" if isinstance(graph, bytes) else str(graph)
-        raise ArtifactError(f"ONNX Runtime cannot load {name}: {first_line}") from exc
+        raise ArtifactError(f"ONNX Runtime cannot load {name}: {first_line(exc)}") from exc
 
 
 class OnnxDecoder:

@@ -23,11 +23,10 @@ from export.onnx_export import export_onnx
 from export.quantized import emitters_for, quantized_weights
 from export.runtime import OnnxDecoder
 from export.side_path_cost import profiled_share, side_path_flops
-from pipeline.artifacts import file_records, package_versions, refuse_output_over_input, staged_folder
+from pipeline.artifacts import OUTPUT_MARKER, file_records, package_versions, refuse_output_over_input, staged_folder
 from pipeline.loading import LoadedModel, load_model
 
 # Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
-OUTPUT_MARKER = ".rotaq-output"
 
 
 @dataclass(frozen=True)

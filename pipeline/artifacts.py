@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import hashlib
 import importlib.metadata
 import json
@@ -21,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, RotaqError
-from pipeline.leftovers import owned_name, owner_is_gone, remove_path
+from pipeline.leftovers import dead_owners, owned_name, remove_path
 
 MANIFEST_NAME = "rotaq.json"
 WEIGHTS_NAME = "model.safetensors"
+OUTPUT_MARKER = ".rotaq-output"  # in a folder rotaq wrote that has no rotaq.json (an export, the GGUF cache)
 FORMAT_VERSION = "rotaq-model/1"
 _VERSIONED_PACKAGES = ("rotaq", "torch", "transformers", "safetensors", "onnx", "onnxruntime", "gguf")
 
@@ -140,10 +140,7 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     removed = []
     for kind in (TRASH_KIND, TEMP_KIND):
-        stem = f".{out_dir.name}.{kind}"
-        for leftover in sorted(out_dir.parent.glob(f"{glob.escape(stem)}-*")):
-            if not owner_is_gone(leftover.name, stem):
-                continue
+        for leftover in dead_owners(out_dir.parent, f".{out_dir.name}.{kind}"):
             if kind == TRASH_KIND and not out_dir.exists():
                 os.replace(leftover, out_dir)  # killed mid-swap: the previous output comes back
                 continue
@@ -153,7 +150,7 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
 
 
 def _is_replaceable(path: Path) -> bool:
-    return path.is_dir() and (not any(path.iterdir()) or (path / ".rotaq-output").exists())
+    return path.is_dir() and (not any(path.iterdir()) or (path / OUTPUT_MARKER).exists())
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.leftovers import owned_name, owner_is_gone, remove_path
+from pipeline.leftovers import dead_owners, owned_name, remove_path
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -22,9 +21,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     stem = f".{path.name}.tmp"
-    for leftover in path.parent.glob(f"{glob.escape(stem)}-*"):
-        if owner_is_gone(leftover.name, stem):  # a writer killed between write and rename
-            remove_path(leftover)
+    for leftover in dead_owners(path.parent, stem):  # a writer killed between write and rename
+        remove_path(leftover)
     tmp = path.parent / owned_name(stem)
     try:
         descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask

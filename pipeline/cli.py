@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import RotaqError
+from pipeline.errors import RotaqError, first_line
 
 # In pipeline order; each module defines register(subparsers).
 COMMAND_MODULES = (
@@ -61,15 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not is_disk_full(exc):  # Rust writers report ENOSPC as SafetensorError or a bare Exception
             raise
-        print(f"rotaq: error: disk full ({_first_line(exc)}); finished stage folders are intact", file=sys.stderr)
+        print(f"rotaq: error: disk full ({first_line(exc)}); finished stage folders are intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rotaq: interrupted; finished stage folders are intact", file=sys.stderr)
         return 130
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -47,21 +47,23 @@ def load_documents(source: str | Path | None = None) -> list[Document]:
         return _read_folder(path, TEXT_SUFFIXES)
     if path.is_file():
         return _read_jsonl(path) if path.suffix in (".jsonl", ".ndjson") else [_read_text(path)]
-    if str(source).startswith(("/", ".", "~")) or Path(str(source)).suffix in (*TEXT_SUFFIXES, ".jsonl"):
+    if not _names_a_dataset(str(source)):
         raise DataError(f"data not found: {source}")
     return _read_hf_dataset(str(source))
+
+
+def _names_a_dataset(source: str) -> bool:
+    """A source that is not on disk names a `datasets` dataset unless it looks like a path or a text file."""
+    return not (source.startswith(("/", ".", "~")) or Path(source).suffix in (*TEXT_SUFFIXES, ".jsonl"))
 
 
 def check_data_source(source: str | None) -> None:
     """Fail now, with the stage's own message, on text a stage would refuse later: a local source is read
     whole (milliseconds for the default plays); a `datasets` name only needs the package."""
-    if source is not None and str(source) not in ("", "default", "shakespeare"):
-        path = Path(source).expanduser()
-        if not path.exists() and not (str(source).startswith(("/", ".", "~"))
-                                      or Path(str(source)).suffix in (*TEXT_SUFFIXES, ".jsonl")):
-            if importlib.util.find_spec("datasets") is None:
-                raise DataError(f"data '{source}' is not a file or folder, and the `datasets` package is not installed")
-            return
+    is_named = source is not None and str(source) not in ("", "default", "shakespeare")
+    if is_named and not Path(source).expanduser().exists() and _names_a_dataset(str(source)):
+        _require_datasets(str(source))
+        return
     documents_with_text(source)
 
 
@@ -119,10 +121,14 @@ def _parse_jsonl(path: Path) -> list[Document]:
     return documents
 
 
-def _read_hf_dataset(spec: str) -> list[Document]:
-    """`name[:config[:split]]`, e.g. `wikitext:wikitext-2-raw-v1:test`; needs `datasets` and a network."""
+def _require_datasets(spec: str) -> None:
     if importlib.util.find_spec("datasets") is None:
         raise DataError(f"data '{spec}' is not a file or folder, and the `datasets` package is not installed")
+
+
+def _read_hf_dataset(spec: str) -> list[Document]:
+    """`name[:config[:split]]`, e.g. `wikitext:wikitext-2-raw-v1:test`; needs `datasets` and a network."""
+    _require_datasets(spec)
     import datasets
 
     name, config, split = (spec.split(":") + [None, None])[:3]

@@ -4,6 +4,11 @@ The CLI catches `RotaqError` and prints its message; anything else is a bug and 
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): what a one-line error quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class RotaqError(Exception):
     """A problem with the user's input or environment, explained in the message."""
 

@@ -3,6 +3,7 @@ leftovers (SIGKILL, power loss: no `finally` ran) from a live one's work in prog
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
@@ -19,6 +20,11 @@ def owner_is_gone(name: str, stem: str) -> bool:
     (an older rotaq's leftover, which never had one)."""
     owner = name.removeprefix(f"{stem}-").split("-")[0].split(".")[0]
     return not (owner.isdigit() and process_is_alive(int(owner)))
+
+
+def dead_owners(folder: Path, stem: str) -> list[Path]:
+    """The `STEM-PID-...` entries in `folder` whose writer is gone, oldest name first."""
+    return [path for path in sorted(Path(folder).glob(f"{glob.escape(stem)}-*")) if owner_is_gone(path.name, stem)]
 
 
 def process_is_alive(pid: int) -> bool:

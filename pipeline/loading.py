@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import (WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
+from pipeline.artifacts import (OUTPUT_MARKER, WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
                                 staged_folder, verify_files)
-from pipeline.errors import ArtifactError, RotaqError
+from pipeline.errors import ArtifactError, RotaqError, first_line
 from pipeline.families import DecoderFamily, family_for_model_type
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _config_failure(name: str, exc: BaseException, kind: str, offline: bool) -> 
         return (f"could not load model '{name}': the hub is unreachable and no copy is cached here; pass a local "
                 "folder or a .gguf file")
     hint = " (pass a local folder or a .gguf file)" if kind == "hub" else ""
-    return f"could not load model '{name}': {_first_line(exc)}{hint}"
+    return f"could not load model '{name}': {first_line(exc)}{hint}"
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -162,21 +162,17 @@ def model_files_explained(name: str | Path) -> Iterator[None]:
     except (OSError, ValueError, EOFError) as exc:
         if isinstance(exc, OSError) and is_disk_full(exc):
             raise
-        raise RotaqError(f"cannot load the model in {name}: {_first_line(exc)}") from exc
+        raise RotaqError(f"cannot load the model in {name}: {first_line(exc)}") from exc
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError":
             raise RotaqError(f"cannot load the model in {name}: its safetensors file is damaged or truncated "
-                             f"({_first_line(exc)})") from exc
+                             f"({first_line(exc)})") from exc
         if isinstance(exc, RuntimeError) and "loading state_dict" in str(exc):
             raise RotaqError(f"cannot load the model in {name}: its weights do not fit its config.json "
-                             f"({_first_line(exc)})") from exc
+                             f"({first_line(exc)})") from exc
         if "tokenizer" in str(exc).lower() or type(exc).__name__ == "Exception":  # tokenizers' Rust errors
-            raise RotaqError(f"cannot load the tokenizer in {name}: {_first_line(exc)}") from exc
+            raise RotaqError(f"cannot load the tokenizer in {name}: {first_line(exc)}") from exc
         raise
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, display_name: str | None = None) -> LoadedModel:
@@ -203,7 +199,7 @@ def _convert_gguf(path: Path, cached: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError) as exc:
-        raise RotaqError(f"cannot read GGUF file {path}: {_first_line(exc)}") from exc
+        raise RotaqError(f"cannot read GGUF file {path}: {first_line(exc)}") from exc
     family_for_model_type(config.model_type)
     with model_files_explained(path):
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -221,7 +217,7 @@ def _convert_gguf(path: Path, cached: Path) -> None:
         (tmp / CONVERSION_RECORD).write_text(json.dumps({"converted_from": str(path), **records}, indent=1) + "\n")
 
 
-CONVERSION_RECORD = ".rotaq-output"  # also what lets staged_folder replace the cache folder
+CONVERSION_RECORD = OUTPUT_MARKER  # also what lets staged_folder replace the cache folder
 
 
 def conversion_cache_problem(cached: Path) -> str | None:

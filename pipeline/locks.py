@@ -34,7 +34,7 @@ class FolderBusyError(RotaqError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, what: str = "run folder") -> Iterator[None]:
+def folder_lock(folder: Path) -> Iterator[None]:
     """Hold the folder's lock for the block, or fail at once (never wait: a queued run would silently
     reuse what the other wrote). Re-entrant within one process."""
     lock_path = (Path(folder) / LOCK_NAME).resolve()
@@ -54,7 +54,7 @@ def folder_lock(folder: Path, what: str = "run folder") -> Iterator[None]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise FolderBusyError(f"{folder} is in use by another rotaq process ({_holder(descriptor)}); wait for "
-                                  f"it to finish or pick another {'--out' if what == 'run folder' else what}") from None
+                                  "it to finish or pick another --out") from None
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         _held[lock_path] = 1

@@ -63,7 +63,7 @@ def run_pipeline(config: RunConfig, out: Path | None = None, progress: ProgressL
     with contextlib.ExitStack() as locks:
         locks.enter_context(folder_lock(run_folder))
         if store is not None:
-            locks.enter_context(folder_lock(store, "sweep store (--out)"))
+            locks.enter_context(folder_lock(store))
         return _run_locked(config, run_folder, store, progress or (lambda line: None), show_stage_progress, verify)
 
 

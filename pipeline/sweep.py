@@ -74,7 +74,7 @@ def run_sweep(spec: SweepSpec, out: Path, progress: ProgressLine | None = None,
     for model, data in dict.fromkeys((variant.config.model, variant.config.data) for variant in variants):
         check_run_inputs(model, data)  # before any variant runs
     folder = _prepare_sweep_folder(out)
-    with folder_lock(folder, "sweep --out"), folder_lock(folder / STORE_FOLDER, "sweep --out"):
+    with folder_lock(folder):  # each variant's run also locks the store
         return _sweep_locked(spec, folder, variants, say, show_stage_progress, verify)
 
 

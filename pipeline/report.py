@@ -18,7 +18,7 @@ from pipeline.atomic import atomic_write
 from pipeline.config_template import yaml_value
 from eval.labels import label
 from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
-from pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training
+from pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
 from pipeline.report_html import render_html
 from pipeline.run_results import RESULTS_FILE
 from pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
@@ -104,14 +104,11 @@ def _summary_section(run: RunFiles) -> list[Block]:
 
 def _tradeoff_points(run: RunFiles, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The summary's models, plus the peer's graphs from the bench (scored there on the same text)."""
-    points = [{"label": row["branch"], "perplexity": row.get("perplexity"), "decode_speedup": row.get("decode_speedup"),
-               "file_mb": row.get("file_mb"), "kind": "float" if row["branch"] == "float" else "rotaq"}
-              for row in rows]
+    points = [tradeoff_point(row, row["branch"], "float" if row["branch"] == "float" else "rotaq") for row in rows]
     entry = run.stage_named("bench")
     for row in (run.json(entry["done_file"]) or []) if entry else []:
         if str(row.get("scheme", "")).startswith("genai"):
-            points.append({"label": row["scheme"], "perplexity": row.get("perplexity"),
-                           "decode_speedup": row.get("decode_speedup"), "file_mb": row.get("file_mb"), "kind": "peer"})
+            points.append(tradeoff_point(row, row["scheme"], "peer"))
     return points
 
 

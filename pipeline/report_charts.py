@@ -113,6 +113,11 @@ def plot_training(log: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
+def tradeoff_point(row: Mapping[str, Any], label: str, kind: str) -> dict[str, Any]:
+    """A summary, sweep or bench row as a `plot_accuracy_tradeoff` point."""
+    return {"label": label, "kind": kind, **{key: row.get(key) for key in (ACCURACY, "decode_speedup", "file_mb")}}
+
+
 def plot_accuracy_tradeoff(points: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Perplexity against decode speed-up over float32 and against size, one panel each, for one run's
     models (`label`, `perplexity`, `decode_speedup`, `file_mb`, `kind`: rotaq, peer or float), the Pareto

@@ -17,7 +17,7 @@ from eval.tables import csv_text, json_records, markdown_table
 from pipeline.atomic import atomic_write, write_json_atomic
 from pipeline.config_template import yaml_value
 from pipeline.report import RunFiles
-from pipeline.report_charts import pareto_front, plot_accuracy_tradeoff
+from pipeline.report_charts import pareto_front, plot_accuracy_tradeoff, tradeoff_point
 from pipeline.run_results import RESULTS_FILE
 from pipeline.stage_cache import RUN_RECORD, read_marker
 
@@ -26,7 +26,6 @@ SWEEP_STEM = "sweep"
 PARETO_PNG = "pareto.png"
 FLOAT_BRANCH = "float"
 IDENTITY = "_identity"
-ACCURACY = "perplexity"
 # (name of the front, column, True when larger is better)
 FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
 _METRIC_COLUMNS = ["perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement", "decode_tokens_per_s",
@@ -144,9 +143,9 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Perplexity against decode speed-up and against file size for every variant's models, the front dashed
     (the run report draws the same picture for one run). None (nothing drawn) when no row has bench numbers."""
-    return plot_accuracy_tradeoff([{"label": f"{row['branch']} | {row['variant']}", "perplexity": row.get(ACCURACY),
-                                    "decode_speedup": row.get("decode_speedup"), "file_mb": row.get("file_mb"),
-                                    "kind": "float" if row["branch"] == FLOAT_BRANCH else "rotaq"} for row in rows], path)
+    return plot_accuracy_tradeoff([tradeoff_point(row, f"{row['branch']} | {row['variant']}",
+                                                  "float" if row["branch"] == FLOAT_BRANCH else "rotaq") for row in rows],
+                                  path)
 
 
 def write_sweep_outputs(out: Path, rows: list[dict[str, Any]], swept: Sequence[str],

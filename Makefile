@@ -53,7 +53,7 @@ bench: install
 # gate-check: the latency gate's measured false-alarm and detection rates on the embedded model's W4A8 export
 # (20 self runs, 20 runs of a copy slowed 20% in decode, a busy core during half): runs/gate-check/gate-check.md.
 gate-check: install
-	$(PY) -m export.gate_check --out runs/gate-check
+	$(PY) -m rotaq.export.gate_check --out runs/gate-check
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from adapters.config import AdapterConfig
-from pipeline.errors import RotaqError
+from rotaq.adapters.config import AdapterConfig
+from rotaq.pipeline.errors import RotaqError
 
 if TYPE_CHECKING:
-    from adapters.layers import LowRankAdapter
+    from rotaq.adapters.layers import LowRankAdapter
 
 
 class ProjectionChain:

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapters.structure import adapter_state_dict, load_adapter_state
-from pipeline.errors import RotaqError
+from rotaq.adapters.structure import adapter_state_dict, load_adapter_state
+from rotaq.pipeline.errors import RotaqError
 
 STEP_PREFIX = "step-"
 STATE_NAME = "state.json"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adapters.config import ADAPTER_TYPES
-from adapters.lor2c import LOR2C_TYPES
-from pipeline.errors import RotaqError
-from pipeline.cli_args import add_model_argument
+from rotaq.adapters.config import ADAPTER_TYPES
+from rotaq.adapters.lor2c import LOR2C_TYPES
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.cli_args import add_model_argument
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -18,9 +18,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise RotaqError("rotaq finetune needs --out (or --dry-run to print parameter counts only)")
     from accelerate import PartialState
 
-    from adapters.finetune import FinetuneOptions, run_finetune
-    from adapters.train import TrainConfig
-    from pipeline.artifacts import read_manifest
+    from rotaq.adapters.finetune import FinetuneOptions, run_finetune
+    from rotaq.adapters.train import TrainConfig
+    from rotaq.pipeline.artifacts import read_manifest
 
     training = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                            warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
@@ -43,9 +43,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _print_parameter_counts(args: argparse.Namespace) -> int:
     """Trainable parameters of every adapter type at --rank, without training anything."""
-    from adapters.parameter_counts import adapter_parameter_counts
-    from eval.tables import markdown_table
-    from pipeline.loading import load_model
+    from rotaq.adapters.parameter_counts import adapter_parameter_counts
+    from rotaq.eval.tables import markdown_table
+    from rotaq.pipeline.loading import load_model
 
     loaded = load_model(args.model)
     changes = {"merges": args.lor2c_changes, "injections": args.lor2c_changes} if args.lor2c_changes else {}
@@ -57,7 +57,7 @@ def _print_parameter_counts(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from adapters.merge_stage import MergeOptions, run_merge
+    from rotaq.adapters.merge_stage import MergeOptions, run_merge
 
     out, section = run_merge(MergeOptions(model=args.model, out=Path(args.out), method=args.method, data=args.data,
                                           seq_len=args.seq_len, eval_tokens=args.eval_tokens,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.errors import RotaqError
-from pipeline.families import DecoderFamily
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import DecoderFamily
 
 LORA = "lora"
 INPUT_SHORTCUT = "reslora-is"
@@ -33,7 +33,7 @@ class AdapterConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     pre_num: int = 0
-    qat: str | None = None  # a quantizers.schemes name, e.g. 'w4a4'
+    qat: str | None = None  # a rotaq.quantizers.schemes name, e.g. 'w4a4'
     qat_act_clip_ratio: float | None = None  # the deployment's activation clipping, for per-token schemes
 
     def __post_init__(self) -> None:

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapters.checkpoint import CheckpointFolder
-from adapters.config import AdapterConfig, default_pre_num, resolve_targets
-from adapters.input_norms import NORM_BATCHES
-from adapters.lor2c import LOR2C_TYPES, Lor2cConfig, install_lor2c, lor2c_paths
-from adapters.structure import adapter_state_dict, install_adapters
-from adapters.train import TrainConfig, TrainResult, train_adapters
-from pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
-from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.loading import LoadedModel, load_model
+from rotaq.adapters.checkpoint import CheckpointFolder
+from rotaq.adapters.config import AdapterConfig, default_pre_num, resolve_targets
+from rotaq.adapters.input_norms import NORM_BATCHES
+from rotaq.adapters.lor2c import LOR2C_TYPES, Lor2cConfig, install_lor2c, lor2c_paths
+from rotaq.adapters.structure import adapter_state_dict, install_adapters
+from rotaq.adapters.train import TrainConfig, TrainResult, train_adapters
+from rotaq.pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.loading import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from adapters.config import AdapterConfig
-from adapters.structure import InstalledAdapters
+from rotaq.adapters.config import AdapterConfig
+from rotaq.adapters.structure import InstalledAdapters
 
 NORM_BATCHES = 100
 

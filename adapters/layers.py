@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from adapters.chain import ProjectionChain
-from adapters.qat import FakeQuantizers
-from rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
+from rotaq.adapters.chain import ProjectionChain
+from rotaq.adapters.qat import FakeQuantizers
+from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
 class LowRankAdapter(nn.Module):

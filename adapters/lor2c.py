@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from adapters.layers import LowRankAdapter
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.families import DecoderFamily, decoder_layers, set_submodule
+from rotaq.adapters.layers import LowRankAdapter
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
 
 LOR2C = "lor2c"
 SHARE_LOR2C = "share-lor2c"

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from adapters.layers import AdaptedLinear
-from adapters.structure import InstalledAdapters
-from pipeline.errors import NonFiniteError, RotaqError
+from rotaq.adapters.layers import AdaptedLinear
+from rotaq.adapters.structure import InstalledAdapters
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
 
 ShortcutMaps = dict[str, list[Tensor]]
 """Model path of an adapted linear → its Y_{n,k} (rank × in, float64), in shortcut_sources(n) order."""

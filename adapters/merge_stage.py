@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapters.config import AdapterConfig
-from adapters.lor2c import LOR2C_TYPES, lor2c_paths, side_path_section
-from adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
-from adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
-from eval.metrics import evaluate
-from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
-from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.loading import LoadedModel, load_model
+from rotaq.adapters.config import AdapterConfig
+from rotaq.adapters.lor2c import LOR2C_TYPES, lor2c_paths, side_path_section
+from rotaq.adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
+from rotaq.adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
+from rotaq.eval.metrics import evaluate
+from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.loading import LoadedModel, load_model
 
 MERGE_METHODS = ("lstsq", "paper")
 # λ / mean(diag Σ x xᵀ) tried by the lstsq merge; a larger ridge makes the fitted map less sensitive to the

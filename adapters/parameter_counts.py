@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from adapters.config import ADAPTER_TYPES, resolve_targets
-from adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, INJECT_TARGETS, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
+from rotaq.adapters.config import ADAPTER_TYPES, resolve_targets
+from rotaq.adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, INJECT_TARGETS, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
                             Lor2cConfig, lor2c_parameter_count)
-from pipeline.families import DecoderFamily, decoder_layers
+from rotaq.pipeline.families import DecoderFamily, decoder_layers
 
 
 def adapter_parameter_counts(model: nn.Module, family: DecoderFamily, rank: int, targets: str | None = None,

@@ -10,9 +10,9 @@ import dataclasses
 
 from torch import Tensor
 
-from quantizers.activations import fake_quantize_activations
-from quantizers.rtn import fake_quantize_weight
-from quantizers.schemes import QuantScheme, parse_scheme, validate_group
+from rotaq.quantizers.activations import fake_quantize_activations
+from rotaq.quantizers.rtn import fake_quantize_weight
+from rotaq.quantizers.schemes import QuantScheme, parse_scheme, validate_group
 
 
 class FakeQuantizers:

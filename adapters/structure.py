@@ -1,6 +1,6 @@
 """Put adapters into a model, find them again, and take them out.
 
-`install_adapter_structure` is what `pipeline.structure` calls for a manifest with an 'adapters'
+`install_adapter_structure` is what `rotaq.pipeline.structure` calls for a manifest with an 'adapters'
 section: it rebuilds the adapter modules (their tensors come from model.safetensors right after).
 """
 
@@ -14,13 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from adapters.chain import ProjectionChain, refuse_reentrant_checkpointing
-from adapters.config import LORA, AdapterConfig
-from adapters.layers import AdaptedLinear, LowRankAdapter
-from adapters.lor2c import LOR2C_TYPES, install_lor2c_structure, lor2c_paths
-from adapters.qat import FakeQuantizers
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.families import DecoderFamily, decoder_layers, set_submodule
+from rotaq.adapters.chain import ProjectionChain, refuse_reentrant_checkpointing
+from rotaq.adapters.config import LORA, AdapterConfig
+from rotaq.adapters.layers import AdaptedLinear, LowRankAdapter
+from rotaq.adapters.lor2c import LOR2C_TYPES, install_lor2c_structure, lor2c_paths
+from rotaq.adapters.qat import FakeQuantizers
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
 
 _ATTRIBUTE = "rotaq_adapters"
 
@@ -161,7 +161,7 @@ def set_fake_quantization(model: nn.Module, scheme_name: str | None) -> None:
 def remove_adapters(model: nn.Module, merged_weights: dict[str, Tensor]) -> None:
     """Replace every adapted linear by its base module carrying `merged_weights[path]`; drop the hook.
 
-    Callers check the weights first (adapters.merge.check_merged_weights): this step only rewires modules.
+    Callers check the weights first (rotaq.adapters.merge.check_merged_weights): this step only rewires modules.
     """
     installed = installed_adapters(model)
     for path, linear in list(installed.adapted_linears()):

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from pipeline.progress import progress_bar
+from rotaq.pipeline.progress import progress_bar
 
-from adapters.checkpoint import CheckpointFolder, TrainingState
-from adapters.input_norms import InputNormHistory, norm_ratios
-from adapters.lor2c import Lor2cPaths, lor2c_paths
-from adapters.structure import adapter_state_dict, installed_adapters, mark_only_adapters_trainable
-from eval.metrics import evaluate
-from pipeline.errors import NonFiniteError, RotaqError
+from rotaq.adapters.checkpoint import CheckpointFolder, TrainingState
+from rotaq.adapters.input_norms import InputNormHistory, norm_ratios
+from rotaq.adapters.lor2c import Lor2cPaths, lor2c_paths
+from rotaq.adapters.structure import adapter_state_dict, installed_adapters, mark_only_adapters_trainable
+from rotaq.eval.metrics import evaluate
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
 
 
 @dataclass(frozen=True)

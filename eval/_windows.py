@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
-from pipeline.progress import progress_bar
+from rotaq.pipeline.progress import progress_bar
 
-from pipeline.errors import DataError, RotaqError
+from rotaq.pipeline.errors import DataError, RotaqError
 
 
 def as_windows(windows: torch.Tensor | np.ndarray, min_len: int = 1) -> torch.Tensor:

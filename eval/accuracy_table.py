@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.metrics import evaluate
-from eval.tables import write_table
-from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from pipeline.loading import load_model
-from quantizers.quantize_model import QuantizeSettings, quantize_model
-from quantizers.schemes import parse_scheme
-from rotations.rotate import RotationConfig, rotate_model
+from rotaq.eval.metrics import evaluate
+from rotaq.eval.tables import write_table
+from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+from rotaq.quantizers.schemes import parse_scheme
+from rotaq.rotations.rotate import RotationConfig, rotate_model
 
 COLUMNS = ["scheme", "rotation", "weights", "variant", "perplexity", "ppl_ratio", "kl_divergence", "top1_agreement",
            "quantize_seconds"]

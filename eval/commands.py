@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eval.metrics import EvalResult, evaluate
-from eval.outliers import collect_linear_input_stats, outlier_table, summarize
-from eval.plots import plot_outliers
-from eval.tables import markdown_table, write_table
-from pipeline.atomic import write_json_atomic
-from pipeline.cli_args import add_data_arguments, add_model_argument, data_spec, print_json
-from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from pipeline.errors import RotaqError
-from pipeline.loading import LoadedModel, load_model
+from rotaq.eval.metrics import EvalResult, evaluate
+from rotaq.eval.outliers import collect_linear_input_stats, outlier_table, summarize
+from rotaq.eval.plots import plot_outliers
+from rotaq.eval.tables import markdown_table, write_table
+from rotaq.pipeline.atomic import write_json_atomic
+from rotaq.pipeline.cli_args import add_data_arguments, add_model_argument, data_spec, print_json
+from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.loading import LoadedModel, load_model
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
 
 
 def _cmd_accuracy_table(args: argparse.Namespace) -> int:
-    from eval.accuracy_table import COLUMNS, AccuracyTableOptions, run_accuracy_table
+    from rotaq.eval.accuracy_table import COLUMNS, AccuracyTableOptions, run_accuracy_table
 
     rows = run_accuracy_table(AccuracyTableOptions(
         out=Path(args.out), model=args.model, schemes=tuple(args.schemes.split(",")),

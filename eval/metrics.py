@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval._windows import as_windows, check_token_ids, eval_mode, input_vocab_size, iter_batches, model_device
-from pipeline.errors import DataError, NonFiniteError, RotaqError
+from rotaq.eval._windows import as_windows, check_token_ids, eval_mode, input_vocab_size, iter_batches, model_device
+from rotaq.pipeline.errors import DataError, NonFiniteError, RotaqError
 
 LogitsFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 """Maps a LongTensor [B, T] of token ids to logits [B, T, V] (torch or numpy, any float dtype)."""

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval._windows import as_windows, check_token_ids, eval_mode, input_vocab_size, iter_batches, model_device
-from pipeline.errors import DataError, RotaqError
+from rotaq.eval._windows import as_windows, check_token_ids, eval_mode, input_vocab_size, iter_batches, model_device
+from rotaq.pipeline.errors import DataError, RotaqError
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 

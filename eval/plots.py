@@ -11,8 +11,8 @@ import io
 import math
 from pathlib import Path
 
-from eval.outliers import LinearInputStats, outlier_table
-from pipeline.atomic import atomic_write
+from rotaq.eval.outliers import LinearInputStats, outlier_table
+from rotaq.pipeline.atomic import atomic_write
 
 
 def plot_outliers(

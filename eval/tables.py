@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.labels import Format, default_format, label
-from pipeline.atomic import atomic_write
-from pipeline.errors import RotaqError
+from rotaq.eval.labels import Format, default_format, label
+from rotaq.pipeline.atomic import atomic_write
+from rotaq.pipeline.errors import RotaqError
 
 
 def markdown_table(
@@ -25,7 +25,7 @@ def markdown_table(
     columns: Sequence[str] | None = None,
     formats: Mapping[str, Format] | None = None,
 ) -> str:
-    """GitHub Markdown table; headers are the metrics' labels (`eval.labels`), numeric columns are
+    """GitHub Markdown table; headers are the metrics' labels (`rotaq.eval.labels`), numeric columns are
     right-aligned and rounded as the labels say unless `formats` says otherwise, missing values blank."""
     columns = _columns(rows, columns)
     formats = formats or {}
@@ -67,7 +67,7 @@ def _plain(value: Any) -> Any:
 
 
 def cell_format(column: str, formats: Mapping[str, Format]) -> Format | None:
-    """The table's own format for a column, else the metric's (`eval.labels`)."""
+    """The table's own format for a column, else the metric's (`rotaq.eval.labels`)."""
     return formats.get(column) or default_format(column)
 
 

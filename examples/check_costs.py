@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from export.layout import read_layout
-from pipeline.artifacts import file_records, verify_files
-from pipeline.loading import cache_root, conversion_cache_problem
-from pipeline.locks import folder_lock
+from rotaq.export.layout import read_layout
+from rotaq.pipeline.artifacts import file_records, verify_files
+from rotaq.pipeline.loading import cache_root, conversion_cache_problem
+from rotaq.pipeline.locks import folder_lock
 
 def best(fn: Callable[[], object], n: int = 3) -> float:
     times = []

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from adapters.lor2c import lor2c_paths
-from eval.metrics import evaluate
-from eval.tables import markdown_table
-from pipeline.data import DataSpec, load_split_windows
-from pipeline.loading import load_model
-from quantizers.activations import fake_quantize_per_token
-from quantizers.rtn import fake_quantize_weight
-from quantizers.schemes import parse_scheme
+from rotaq.adapters.lor2c import lor2c_paths
+from rotaq.eval.metrics import evaluate
+from rotaq.eval.tables import markdown_table
+from rotaq.pipeline.data import DataSpec, load_split_windows
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.activations import fake_quantize_per_token
+from rotaq.quantizers.rtn import fake_quantize_weight
+from rotaq.quantizers.schemes import parse_scheme
 
 
 def quantize_paths(model: torch.nn.Module, weight_bits: int, act_bits: int) -> None:

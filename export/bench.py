@@ -2,7 +2,7 @@
 
 Every run measures, together, the float32 ONNX graph (the reference every ratio is taken against),
 PyTorch eager float32 (what the user had before exporting) and each model asked for. Each target
-runs in its own worker process (`export.bench_worker`), pinned to the same cores; repeats are
+runs in its own worker process (`rotaq.export.bench_worker`), pinned to the same cores; repeats are
 interleaved round by round across targets, so a slow spell on the machine touches every model
 alike. Medians are reported with their spread. Perplexity, KL divergence and top-1 agreement are
 measured on the ONNX graphs themselves, against the float32 graph, on the held-out split.
@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.progress import progress_bar
+from rotaq.pipeline.progress import progress_bar
 
-from eval.tables import markdown_table, write_table
-from export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
-from export.layout import ExportLayout, read_layout
-from export.runtime import CPU, CUDA
-from pipeline.atomic import atomic_write, write_json_atomic
-from pipeline.data import DataSpec
-from pipeline.errors import ArtifactError, RotaqError
+from rotaq.eval.tables import markdown_table, write_table
+from rotaq.export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
+from rotaq.export.layout import ExportLayout, read_layout
+from rotaq.export.runtime import CPU, CUDA
+from rotaq.pipeline.atomic import atomic_write, write_json_atomic
+from rotaq.pipeline.data import DataSpec
+from rotaq.pipeline.errors import ArtifactError, RotaqError
 
-BENCH_FILE = "bench.json"  # pipeline.stage_registry.BENCH_FILE: a JSON list of rows
+BENCH_FILE = "bench.json"  # rotaq.pipeline.stage_registry.BENCH_FILE: a JSON list of rows
 META_FILE = "bench_meta.json"
 REFERENCE_FOLDER = "reference-fp32"
 PEERS = ("genai",)
@@ -106,10 +106,10 @@ class Target:
         if self.spec.provider != CPU or self.spec.kind == EAGER:
             return None
         if self.spec.kind == GENAI:
-            from export.peer_genai import GenaiTimed
+            from rotaq.export.peer_genai import GenaiTimed
 
             return GenaiTimed(self.spec.path).logits
-        from export.runtime import OnnxDecoder
+        from rotaq.export.runtime import OnnxDecoder
 
         return OnnxDecoder(Path(self.spec.path), threads=self.spec.threads).logits
 
@@ -150,7 +150,7 @@ def graph_identity(layout: ExportLayout) -> dict[str, str]:
     is refused before it is timed (the hashes are computed here anyway)."""
     import hashlib
 
-    from pipeline.artifacts import sha256_file
+    from rotaq.pipeline.artifacts import sha256_file
 
     digest = hashlib.sha256()
     recorded = layout.manifest.get("files", {})
@@ -194,7 +194,7 @@ def resolve_reference(options: BenchOptions, layouts: list[ExportLayout]) -> Exp
         cached = read_layout(folder)
         if float_parent(cached) == parent:
             return cached
-    from export.stage import ExportOptions, run_export
+    from rotaq.export.stage import ExportOptions, run_export
 
     print(f"no float32 export among the models: exporting {parent} to {folder} as the reference")
     return read_layout(run_export(ExportOptions(model=parent, out=folder)))
@@ -223,7 +223,7 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
 
 def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Target]:
     """onnxruntime-genai builder graphs (int4 and int8, CPU defaults) of the original float model."""
-    from export.peer_genai import PRECISIONS, build_peer, graph_files_mb, original_float_model
+    from rotaq.export.peer_genai import PRECISIONS, build_peer, graph_files_mb, original_float_model
 
     model = original_float_model(reference.manifest.get("model_source") or {})
     targets = []
@@ -337,7 +337,7 @@ def accuracy_fields(target: Target, reference: Target, reference_fn: Any, window
                     progress: bool) -> dict[str, Any]:
     """Perplexity on the graph itself, and KL / top-1 against the float32 graph's logits callable
     `reference_fn` (one session, shared by every target) on the same windows."""
-    from eval.metrics import evaluate_logits_fn
+    from rotaq.eval.metrics import evaluate_logits_fn
 
     if target is reference:  # scored by the session already open for every other target's KL
         logits_fn, reference_fn = reference_fn, None
@@ -358,7 +358,7 @@ def accuracy_fields(target: Target, reference: Target, reference_fn: Any, window
 def evaluation_windows(options: BenchOptions, reference: Target) -> Any:
     from transformers import AutoTokenizer
 
-    from pipeline.data import load_split_windows
+    from rotaq.pipeline.data import load_split_windows
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference.layout.folder))
     return load_split_windows(options.evaluation, tokenizer, "evaluation")

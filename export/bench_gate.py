@@ -1,9 +1,9 @@
 """The CI latency-regression gate: compare a bench run with a saved baseline, from the samples.
 
 Each gated model is judged on its speed-up over the float32 graph timed interleaved in the same run,
-one paired ratio per round (`export.bench.round_speedups`): the ratio cancels the machine's speed of
+one paired ratio per round (`rotaq.export.bench.round_speedups`): the ratio cancels the machine's speed of
 the moment. The baseline keeps its rounds, so the change is estimated from both runs' samples with an
-interval (`export.gate_stats`), and the verdict is pass, fail or inconclusive. While any verdict is
+interval (`rotaq.export.gate_stats`), and the verdict is pass, fail or inconclusive. While any verdict is
 inconclusive, the bench times more rounds (up to `max_repeats`), so a busy runner costs time rather than
 a false alarm. Absolute tokens/s and milliseconds are reported beside it; a drop there alone (every
 model slower, the reference included) is a different machine or runtime, so it warns instead of failing
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.bench import sample_key
-from export.gate_stats import FAIL, INCONCLUSIVE, PASS, ShiftEstimate, log_shift_interval, verdict
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import ArtifactError, RotaqError
+from rotaq.export.bench import sample_key
+from rotaq.export.gate_stats import FAIL, INCONCLUSIVE, PASS, ShiftEstimate, log_shift_interval, verdict
+from rotaq.pipeline.atomic import write_json_atomic
+from rotaq.pipeline.errors import ArtifactError, RotaqError
 
 BASELINE_FORMAT = "rotaq-bench-baseline/1"
 METRICS = ("decode", "prefill")

@@ -50,7 +50,7 @@ class OnnxTimed:
     """Prefill and single-token decode steps on an exported graph."""
 
     def __init__(self, spec: TargetSpec) -> None:
-        from export.runtime import OnnxDecoder
+        from rotaq.export.runtime import OnnxDecoder
 
         self.decoder = OnnxDecoder(spec.path, threads=spec.threads, provider=spec.provider)
         self.vocab_size = self.decoder.layout.vocab_size
@@ -73,7 +73,7 @@ class EagerTimed:
     def __init__(self, spec: TargetSpec) -> None:
         import torch
 
-        from pipeline.loading import load_model
+        from rotaq.pipeline.loading import load_model
 
         torch.set_num_threads(spec.threads)
         self.torch = torch
@@ -94,7 +94,7 @@ def load_target(spec: TargetSpec) -> Timed:
     if spec.kind == EAGER:
         return EagerTimed(spec)
     if spec.kind == GENAI:
-        from export.peer_genai import GenaiTimed
+        from rotaq.export.peer_genai import GenaiTimed
 
         return GenaiTimed(spec.path)
     return OnnxTimed(spec)

@@ -24,12 +24,12 @@ import onnx
 import torch
 from torch import nn
 
-from eval.metrics import compare_logits
-from export.emitters import single_layer_model
-from export.graph_module import DecoderGraph, ExportLinear
-from export.layout import OPSET
-from export.runtime import OnnxDecoder, create_session
-from pipeline.errors import RotaqError
+from rotaq.eval.metrics import compare_logits
+from rotaq.export.emitters import single_layer_model
+from rotaq.export.graph_module import DecoderGraph, ExportLinear
+from rotaq.export.layout import OPSET
+from rotaq.export.runtime import OnnxDecoder, create_session
+from rotaq.pipeline.errors import RotaqError
 
 GRAPH_TOLERANCE = 1e-5
 RUNTIME_TOLERANCE = 1e-4

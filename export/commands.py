@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_args import add_model_argument
+from rotaq.pipeline.cli_args import add_model_argument
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export.layout import read_layout
-    from export.stage import ExportOptions, run_export
+    from rotaq.export.layout import read_layout
+    from rotaq.export.stage import ExportOptions, run_export
 
     out = run_export(ExportOptions(model=args.model, out=Path(args.out), check_tokens=args.check_tokens))
     manifest = read_layout(out).manifest
@@ -30,7 +30,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from export.generate import SamplingOptions, generate_text
+    from rotaq.export.generate import SamplingOptions, generate_text
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -49,9 +49,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from eval.tables import markdown_table
-    from export.bench import BenchOptions, readable_columns, run_bench_with_meta
-    from pipeline.data import DataSpec
+    from rotaq.eval.tables import markdown_table
+    from rotaq.export.bench import BenchOptions, readable_columns, run_bench_with_meta
+    from rotaq.pipeline.data import DataSpec
 
     options = BenchOptions(
         models=tuple(args.folders), out=Path(args.out), reference=args.reference,
@@ -60,13 +60,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2)))
     gate = baseline = more_rounds = None
-    from export.bench_gate import check_baseline_target, check_bench_outputs
+    from rotaq.export.bench_gate import check_baseline_target, check_bench_outputs
 
     check_bench_outputs(Path(args.out), Path(args.json) if args.json else None, args.force)
     if args.save_baseline:
         check_baseline_target(Path(args.save_baseline), args.force)
     if args.baseline:  # options and baseline are checked before spending minutes timing
-        from export.bench_gate import GateOptions, load_baseline, more_rounds_while_inconclusive
+        from rotaq.export.bench_gate import GateOptions, load_baseline, more_rounds_while_inconclusive
 
         gate = GateOptions(baseline=Path(args.baseline), max_regression=args.max_regression,
                            metrics=tuple(m.strip() for m in args.metric.split(",")), absolute=args.absolute,
@@ -76,12 +76,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rows, meta = run_bench_with_meta(options, more_rounds)
     print(markdown_table(rows, readable_columns(rows)))
     if args.json:
-        from pipeline.atomic import write_json_atomic
+        from rotaq.pipeline.atomic import write_json_atomic
 
         write_json_atomic(Path(args.json), rows)
     print(f"written to {Path(args.out) / 'bench'}.{{md,csv,json}}")
     if args.save_baseline:
-        from export.bench_gate import save_baseline
+        from rotaq.export.bench_gate import save_baseline
 
         print(f"baseline written to {save_baseline(rows, meta, Path(args.save_baseline))}")
     if gate is not None:
@@ -90,9 +90,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _gate(gate: Any, baseline: dict, rows: list, meta: dict, out: Path) -> int:
-    from eval.tables import markdown_table
-    from export.bench_gate import compare
-    from pipeline.atomic import atomic_write, write_json_atomic
+    from rotaq.eval.tables import markdown_table
+    from rotaq.export.bench_gate import compare
+    from rotaq.pipeline.atomic import atomic_write, write_json_atomic
 
     result = compare(rows, meta, baseline, gate)
     columns = ["model", "runtime", "measure", "old", "new", "change", "old_vs_fp32", "new_vs_fp32",

@@ -2,8 +2,8 @@
 its nodes compute, so a graph can be held against its own reference at a tight tolerance.
 
 Weights are the quantize stage's `QuantizedWeight` codes/scales/zero points written as they are
-(`quantizers.rtn` layout: codes [out, in], scales [out, n_groups]). Activations are quantized as the
-stage's `LayerQuantSpec` says: per token (`quantizers.activations.fake_quantize_per_token`), or per
+(`rotaq.quantizers.rtn` layout: codes [out, in], scales [out, n_groups]). Activations are quantized as the
+stage's `LayerQuantSpec` says: per token (`rotaq.quantizers.activations.fake_quantize_per_token`), or per
 block of K (`fake_quantize_per_block`, what ONNX Runtime's MatMulNBits does at accuracy_level 4).
 `choose_emitter` only picks kernels that compute the stage's own fake-quant function.
 
@@ -26,9 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipeline.errors import RotaqError
-from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token, quantize_per_token
-from quantizers.rtn import QuantizedWeight, qrange
+from rotaq.pipeline.errors import RotaqError
+from rotaq.quantizers.activations import fake_quantize_per_block, fake_quantize_per_token, quantize_per_token
+from rotaq.quantizers.rtn import QuantizedWeight, qrange
 
 MS_DOMAIN = "com.microsoft"
 # MatMulNBits block sizes MLAS has kernels for (powers of two); a per-channel scale is repeated per block.
@@ -108,7 +108,7 @@ def _float(value: float) -> np.ndarray:
 
 def _emit_activation_codes(b: _Builder, x: str, act: ActQuant) -> tuple[str, str, str | None]:
     """Per-token codes (float, integer-valued), scale [..., 1] and zero point, op for op as
-    `quantizers.activations` computes them in float32 (so rounding ties break the same way)."""
+    `rotaq.quantizers.activations` computes them in float32 (so rounding ties break the same way)."""
     qmin, qmax = qrange(act.bits, act.symmetric)
     last_axis = b.constant("last_axis", np.array([-1], dtype=np.int64))
     if act.symmetric:

@@ -6,7 +6,7 @@ inconclusive is a missed regression), alternating, with a competing CPU load on 
 each. The slowed copy's decode slowdown is calibrated, then measured in an idle bench, and quoted.
 Writes gate-check.json and gate-check.md.
 
-    python -m export.gate_check --out runs/gate-check [--runs 20] [--slowdown 0.20]
+    python -m rotaq.export.gate_check --out runs/gate-check [--runs 20] [--slowdown 0.20]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from eval.tables import markdown_table
-from pipeline.atomic import atomic_write, write_json_atomic
+from rotaq.eval.tables import markdown_table
+from rotaq.pipeline.atomic import atomic_write, write_json_atomic
 
-ROTAQ = [sys.executable, "-m", "pipeline.cli"]
+ROTAQ = [sys.executable, "-m", "rotaq.pipeline.cli"]
 # What a CI job would gate on (docs/ci.md): decode after 256 cached tokens and a 128-token prefill, on all
 # cores, 5 rounds after a warm-up, up to --max-repeats while inconclusive.
 BENCH_FLAGS = ("--no-eager", "--eval-tokens", "0", "--no-cuda", "--prompt-lengths", "128")
@@ -40,7 +40,7 @@ def slowed_copy(folder: Path, dest: Path, matmuls: int = 40, width: int = 512) -
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.artifacts import sha256_file
+    from rotaq.pipeline.artifacts import sha256_file
 
     if dest.exists():
         shutil.rmtree(dest)
@@ -76,9 +76,9 @@ def slowed_copy(folder: Path, dest: Path, matmuls: int = 40, width: int = 512) -
 
 def build_exports(root: Path) -> dict[str, Path]:
     """The rotated embedded model's float32 and W4A8 (RTN) exports, built once under `root`."""
-    from export.stage import ExportOptions, run_export
-    from quantizers.stage import QuantizeOptions, run_quantize
-    from rotations.stage import RotateOptions, run_rotate
+    from rotaq.export.stage import ExportOptions, run_export
+    from rotaq.quantizers.stage import QuantizeOptions, run_quantize
+    from rotaq.rotations.stage import RotateOptions, run_rotate
 
     rotated, w4a8 = root / "rotated", root / "w4a8"
     if not rotated.is_dir():

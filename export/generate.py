@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import OnnxDecoder
-from pipeline.errors import ArtifactError, RotaqError
+from rotaq.export.runtime import OnnxDecoder
+from rotaq.pipeline.errors import ArtifactError, RotaqError
 
 TOKENIZER_NAME = "tokenizer.json"
 

@@ -6,7 +6,7 @@ a causal (optionally sliding-window) mask and a padding mask, the SiLU-gated MLP
 Qwen3's q_norm/k_norm, SmolLM3's NoPE layers and tied or untied heads. It computes what the HF
 model computes (float32 logits within 1e-5 relative, checked before every export).
 
-Calling convention (the ONNX graph's, see `export.layout`):
+Calling convention (the ONNX graph's, see `rotaq.export.layout`):
     logits, present = graph(input_ids [B, S], attention_mask [B, P + S], past (2 * layers tensors
     [B, kv_heads, P, head_dim]: key, value per layer)); P may be 0. Position ids are derived from
     the attention mask (count of real tokens before each position), so left padding works.
@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.emitters import LinearEmitter
-from quantizers.linear import LayerQuantSpec, quantize_output
-from quantizers.rtn import QuantizedWeight
-from pipeline.errors import UnsupportedModelError
-from pipeline.families import DecoderFamily, decoder_layers
+from rotaq.export.emitters import LinearEmitter
+from rotaq.quantizers.linear import LayerQuantSpec, quantize_output
+from rotaq.quantizers.rtn import QuantizedWeight
+from rotaq.pipeline.errors import UnsupportedModelError
+from rotaq.pipeline.families import DecoderFamily, decoder_layers
 
 # RoPE types whose frequencies are fixed at load time; "dynamic" and "longrope" recompute them from
 # the sequence length at run time, which a static graph built here does not reproduce.
@@ -184,7 +184,7 @@ class SidePath(nn.Module):
 
 def side_paths_of(model: nn.Module) -> nn.ModuleList:
     """The model's LoR2C side paths for the graph; one Aᵀ initializer for a shared A."""
-    from adapters.lor2c import lor2c_paths
+    from rotaq.adapters.lor2c import lor2c_paths
 
     installed = lor2c_paths(model)
     if installed is None:

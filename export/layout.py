@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import read_versioned_json
-from pipeline.errors import ArtifactError
+from rotaq.pipeline.artifacts import read_versioned_json
+from rotaq.pipeline.errors import ArtifactError
 
 EXPORT_FORMAT = "rotaq-onnx/1"
 MANIFEST_NAME = "export.json"
@@ -79,7 +79,7 @@ class ExportLayout:
     def verify_graph(self, full: bool = False) -> None:
         """The graph files against export.json before a runtime loads them: sizes always (a truncated or
         swapped file), every byte's SHA-256 when `full` (about 1 s per 500 MB here)."""
-        from pipeline.artifacts import verify_files
+        from rotaq.pipeline.artifacts import verify_files
 
         names = [str(path.relative_to(self.folder)) for path in self.graph_files()]
         verify_files(self.folder, self.manifest, full=full, names=[n for n in names if n in self.manifest.get("files", {})])

@@ -11,10 +11,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.graph_module import DecoderGraph, DecoderShape
-from export.layout import ATTENTION_MASK, DATA_NAME, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
-from export.rewrite import rewrite_linears
-from pipeline.errors import RotaqError
+from rotaq.export.graph_module import DecoderGraph, DecoderShape
+from rotaq.export.layout import ATTENTION_MASK, DATA_NAME, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
+from rotaq.export.rewrite import rewrite_linears
+from rotaq.pipeline.errors import RotaqError
 
 # Example sizes for tracing: all distinct and >= 2, because torch.export specializes sizes 0 and 1
 # and would unify equal ones; the graph itself accepts any batch, sequence and past length (incl. 0).

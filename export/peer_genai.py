@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import RotaqError
+from rotaq.pipeline.errors import RotaqError
 
 PRECISIONS = ("int4", "int8")
 CONFIG_NAME = "genai_config.json"
@@ -52,8 +52,8 @@ def hf_folder_for(model: str, folder: Path) -> Path:
         return path
     if (folder / "config.json").is_file():
         return folder
-    from pipeline.artifacts import new_manifest, write_model_artifact
-    from pipeline.loading import load_model
+    from rotaq.pipeline.artifacts import new_manifest, write_model_artifact
+    from rotaq.pipeline.loading import load_model
 
     loaded = load_model(model)
     manifest = new_manifest("peer-input", {"model": model}, loaded.source, None)

@@ -14,10 +14,10 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import nn
 
-from export.emitters import ActQuant, LinearEmitter, choose_emitter
-from pipeline.errors import ArtifactError
-from quantizers.linear import LayerQuantSpec
-from quantizers.rtn import QuantizedWeight
+from rotaq.export.emitters import ActQuant, LinearEmitter, choose_emitter
+from rotaq.pipeline.errors import ArtifactError
+from rotaq.quantizers.linear import LayerQuantSpec
+from rotaq.quantizers.rtn import QuantizedWeight
 
 DEFAULT_CODES_NAME = "quantized.safetensors"
 
@@ -48,7 +48,7 @@ def quantized_weights(folder: Path, section: dict[str, Any]) -> dict[str, Quanti
 def emitters_for(weights: dict[str, QuantizedWeight], layer_specs: dict[str, dict[str, Any]],
                  model: nn.Module) -> dict[str, LinearEmitter]:
     """Module path → emitter for every quantized linear, from the quantize stage's codes and specs
-    (what `quantizers.quantize_model.quantize_model` returns, or what a folder holds)."""
+    (what `rotaq.quantizers.quantize_model.quantize_model` returns, or what a folder holds)."""
     emitters: dict[str, LinearEmitter] = {}
     for path, values in layer_specs.items():
         if not isinstance(model.get_submodule(path), nn.Linear):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from export.emitters import LinearEmitter
-from pipeline.errors import RotaqError
+from rotaq.export.emitters import LinearEmitter
+from rotaq.pipeline.errors import RotaqError
 
 
 def rewrite_linears(model: onnx.ModelProto, emitters: dict[str, LinearEmitter]) -> None:

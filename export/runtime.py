@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.layout import ATTENTION_MASK, INPUT_IDS, SESSION_CONFIG, ExportLayout, past_names, read_layout
-from pipeline.errors import ArtifactError, first_line
+from rotaq.export.layout import ATTENTION_MASK, INPUT_IDS, SESSION_CONFIG, ExportLayout, past_names, read_layout
+from rotaq.pipeline.errors import ArtifactError, first_line
 
 
 CPU = "CPUExecutionProvider"
@@ -70,7 +70,7 @@ class OnnxDecoder:
         return logits, present
 
     def logits(self, input_ids: Any) -> np.ndarray:
-        """Logits of whole unpadded sequences [B, T] in one pass: the `eval.metrics` logits-callable shape."""
+        """Logits of whole unpadded sequences [B, T] in one pass: the `rotaq.eval.metrics` logits-callable shape."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         logits, _ = self.step(input_ids, np.ones_like(input_ids), self.empty_past(input_ids.shape[0]))
         return logits

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.graph_module import DecoderGraph, ExportLinear
-from export.runtime import OnnxDecoder
+from rotaq.export.graph_module import DecoderGraph, ExportLinear
+from rotaq.export.runtime import OnnxDecoder
 
 SIDE_PATH_PREFIX = "side_paths."
 

@@ -3,7 +3,7 @@
 Folder layout: model.onnx (+ model.onnx.data with the weights), the tokenizer, and export.json
 (graph I/O names and shapes, model sizes, the source's rotaq manifest, check results, file hashes).
 The folder is assembled under a temporary name and moved into place only after every check in
-`export.checks` has passed.
+`rotaq.export.checks` has passed.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from export.checks import check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime
-from export.graph_module import DecoderGraph, ExportLinear
-from export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
-from export.onnx_export import export_onnx
-from export.quantized import emitters_for, quantized_weights
-from export.runtime import OnnxDecoder
-from export.side_path_cost import profiled_share, side_path_flops
-from pipeline.artifacts import OUTPUT_MARKER, file_records, package_versions, refuse_output_over_input, staged_folder
-from pipeline.loading import LoadedModel, load_model
+from rotaq.export.checks import check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime
+from rotaq.export.graph_module import DecoderGraph, ExportLinear
+from rotaq.export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
+from rotaq.export.onnx_export import export_onnx
+from rotaq.export.quantized import emitters_for, quantized_weights
+from rotaq.export.runtime import OnnxDecoder
+from rotaq.export.side_path_cost import profiled_share, side_path_flops
+from rotaq.pipeline.artifacts import OUTPUT_MARKER, file_records, package_versions, refuse_output_over_input, staged_folder
+from rotaq.pipeline.loading import LoadedModel, load_model
 
 # Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.leftovers import dead_owners, owned_name, remove_path
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.leftovers import dead_owners, owned_name, remove_path
 
 MANIFEST_NAME = "rotaq.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -130,7 +130,7 @@ TEMP_KIND, TRASH_KIND = "tmp", "old"
 
 
 def _owned_sibling(out_dir: Path, kind: str) -> Path:
-    """`.NAME.KIND-PID-HEX`: the pid says whose it is (see pipeline.leftovers)."""
+    """`.NAME.KIND-PID-HEX`: the pid says whose it is (see rotaq.pipeline.leftovers)."""
     return out_dir.parent / owned_name(f".{out_dir.name}.{kind}")
 
 

@@ -7,15 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.leftovers import dead_owners, owned_name, remove_path
+from rotaq.pipeline.leftovers import dead_owners, owned_name, remove_path
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write to a temporary file in the same folder, then rename it over `path` in one step. The file gets
     the mode a plain `open()` would give it (0666 less the umask), not a temporary file's 0600; a full
     disk is a one-line error naming the file, with the previous file intact."""
-    from pipeline.artifacts import is_disk_full
-    from pipeline.errors import RotaqError
+    from rotaq.pipeline.artifacts import is_disk_full
+    from rotaq.pipeline.errors import RotaqError
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,16 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import RotaqError, first_line
+from rotaq.pipeline.errors import RotaqError, first_line
 
 # In pipeline order; each module defines register(subparsers).
 COMMAND_MODULES = (
-    "rotations.commands",
-    "adapters.commands",
-    "quantizers.commands",
-    "eval.commands",
-    "export.commands",
-    "pipeline.run_commands",
+    "rotaq.rotations.commands",
+    "rotaq.adapters.commands",
+    "rotaq.quantizers.commands",
+    "rotaq.eval.commands",
+    "rotaq.export.commands",
+    "rotaq.pipeline.run_commands",
 )
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     if not sys.stderr.isatty():
         # transformers' and huggingface_hub's own bars (loading weights, writing shards) print a line per update
-        # in a CI log; rotaq's bars (pipeline.progress) print one line every 10 s there instead.
+        # in a CI log; rotaq's bars (rotaq.pipeline.progress) print one line every 10 s there instead.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rotaq: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from pipeline.artifacts import is_disk_full
+        from rotaq.pipeline.artifacts import is_disk_full
 
         if not is_disk_full(exc):  # Rust writers report ENOSPC as SafetensorError or a bare Exception
             raise
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError that escaped the stages' own checks: what failed, on which file."""
-    from pipeline.artifacts import is_disk_full
+    from rotaq.pipeline.artifacts import is_disk_full
 
     where = f" {exc.filename}" if exc.filename else ""
     if is_disk_full(exc):

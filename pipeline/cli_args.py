@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from pipeline.data import DataSpec
+from rotaq.pipeline.data import DataSpec
 
 
 def add_model_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import RotaqError
-from pipeline.run_config import KeyDoc, RunConfig, key_doc
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.run_config import KeyDoc, RunConfig, key_doc
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

@@ -1,6 +1,6 @@
 """The commented default configuration (`rotaq init`) and the key list of `rotaq run --help`.
 
-Both are generated from the declarations in `pipeline.run_config`, so every key is documented and the
+Both are generated from the declarations in `rotaq.pipeline.run_config`, so every key is documented and the
 written defaults are exactly the defaults the code uses (a test reads the file back and compares).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.run_config import RunConfig, key_doc
+from rotaq.pipeline.run_config import RunConfig, key_doc
 
 COMMENT_WIDTH = 100
 

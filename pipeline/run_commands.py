@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config_template import describe_keys
+from rotaq.pipeline.config_template import describe_keys
 
 DEFAULT_CONFIG = "rotaq.yaml"
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from pipeline.atomic import atomic_write
-    from pipeline.config_template import render_default_config
-    from pipeline.errors import RotaqError
+    from rotaq.pipeline.atomic import atomic_write
+    from rotaq.pipeline.config_template import render_default_config
+    from rotaq.pipeline.errors import RotaqError
 
     path = Path(args.out)
     if path.exists() and not args.force:
@@ -25,9 +25,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config_loading import load_run_config
-    from pipeline.report import REPORT_HTML, REPORT_MARKDOWN
-    from pipeline.run import run_pipeline
+    from rotaq.pipeline.config_loading import load_run_config
+    from rotaq.pipeline.report import REPORT_HTML, REPORT_MARKDOWN
+    from rotaq.pipeline.run import run_pipeline
 
     config_path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
     config = load_run_config(Path(config_path) if config_path else None, args.set)
@@ -40,17 +40,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def summary_table(run_folder: Path) -> str:
     """The run's main numbers for the terminal: each deployable model's accuracy, speed-up and size."""
-    from eval.tables import markdown_table
-    from pipeline.sweep_table import run_summary
+    from rotaq.eval.tables import markdown_table
+    from rotaq.pipeline.sweep_table import run_summary
 
     rows, columns = run_summary(run_folder)
     return markdown_table(rows, columns) if rows else "no evaluated model in this run"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.config_loading import parse_override
-    from pipeline.sweep import plan_sweep, run_sweep
-    from pipeline.sweep_spec import load_sweep
+    from rotaq.pipeline.config_loading import parse_override
+    from rotaq.pipeline.sweep import plan_sweep, run_sweep
+    from rotaq.pipeline.sweep_spec import load_sweep
 
     spec = load_sweep(Path(args.sweep), Path(args.config) if args.config else None,
                       [parse_override(text) for text in args.set])

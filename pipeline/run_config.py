@@ -1,7 +1,7 @@
 """The `rotaq run` configuration: the model and its text, then one typed section per stage.
 
 Each key is declared once, with its default, its help text and its constraints; `rotaq init`, `rotaq run
---help` and the validation in `pipeline.config_loading` all read these declarations, so the documentation
+--help` and the validation in `rotaq.pipeline.config_loading` all read these declarations, so the documentation
 of a key cannot drift from what is accepted. Allowed values that a stage module owns (rotation kinds,
 weight quantizers, adapter types) are looked up in that module when the value is checked, not copied here.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import RotaqError
+from rotaq.pipeline.errors import RotaqError
 
 ChoicesProvider = Callable[[], Sequence[str]]
 ValueCheck = Callable[[Any], "str | None"]
@@ -39,38 +39,38 @@ def key_doc(dataclass_field: Any) -> KeyDoc:
 
 
 def _rotation_kinds() -> Sequence[str]:
-    from rotations.rotate import ROTATION_KINDS
+    from rotaq.rotations.rotate import ROTATION_KINDS
 
     return ROTATION_KINDS
 
 
 def _weight_methods() -> Sequence[str]:
-    from quantizers.quantize_model import WEIGHT_METHODS
+    from rotaq.quantizers.quantize_model import WEIGHT_METHODS
 
     return WEIGHT_METHODS
 
 
 def _adapter_types() -> Sequence[str]:
-    from adapters.config import ADAPTER_TYPES
-    from adapters.lor2c import LOR2C_TYPES
+    from rotaq.adapters.config import ADAPTER_TYPES
+    from rotaq.adapters.lor2c import LOR2C_TYPES
 
     return ADAPTER_TYPES + LOR2C_TYPES
 
 
 def _lor2c_scores() -> Sequence[str]:
-    from adapters.lor2c import SCORE_METHODS
+    from rotaq.adapters.lor2c import SCORE_METHODS
 
     return SCORE_METHODS
 
 
 def _merge_methods() -> Sequence[str]:
-    from adapters.merge_stage import MERGE_METHODS
+    from rotaq.adapters.merge_stage import MERGE_METHODS
 
     return MERGE_METHODS
 
 
 def _scheme_problem(name: Any) -> str | None:
-    from quantizers.schemes import parse_scheme
+    from rotaq.quantizers.schemes import parse_scheme
 
     if name is None:
         return None
@@ -179,7 +179,7 @@ class ExportConfig:
 
 
 def _peer_names() -> tuple[str, ...]:
-    from export.bench import PEERS
+    from rotaq.export.bench import PEERS
 
     return PEERS
 

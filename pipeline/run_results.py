@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import is_artifact, read_manifest
-from pipeline.atomic import write_json_atomic
+from rotaq.pipeline.artifacts import is_artifact, read_manifest
+from rotaq.pipeline.atomic import write_json_atomic
 
 RESULTS_FILE = "results.json"
 LABELS = ("stage", "scheme", "weights", "rotation")

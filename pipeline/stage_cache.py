@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json_atomic
+from rotaq.pipeline.atomic import write_json_atomic
 
 MARKERS_FOLDER = "stages"
-RUN_RECORD = "run.json"  # the run's plan and statuses, written by pipeline.run
+RUN_RECORD = "run.json"  # the run's plan and statuses, written by rotaq.pipeline.run
 
 
 def rotaq_version() -> str:

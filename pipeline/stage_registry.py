@@ -4,7 +4,7 @@ Wiring a stage is one `StageDefinition` in `STAGES`: the module and the names it
 it takes from the run config (exactly what its cache key hashes: `invoke` sees nothing else), a call that
 builds the stage's own options object, and the file that proves its output complete. A stage whose module
 does not import, or lacks one of those names, is reported as "skipped (not available)" and nothing is put
-in its place. Where each stage sits in the pipeline is decided in `pipeline.run_plan`.
+in its place. Where each stage sits in the pipeline is decided in `rotaq.pipeline.run_plan`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.artifacts import MANIFEST_NAME, verify_files
-from pipeline.atomic import write_json_atomic
-from pipeline.data import DataSpec
-from pipeline.errors import ArtifactError
-from pipeline.run_config import RunConfig
-from pipeline.report import REPORT_HTML
-from pipeline.run_results import RESULTS_FILE, model_labels
-from quantizers.schemes import parse_scheme
+from rotaq.pipeline.artifacts import MANIFEST_NAME, verify_files
+from rotaq.pipeline.atomic import write_json_atomic
+from rotaq.pipeline.data import DataSpec
+from rotaq.pipeline.errors import ArtifactError
+from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.report import REPORT_HTML
+from rotaq.pipeline.run_results import RESULTS_FILE, model_labels
+from rotaq.quantizers.schemes import parse_scheme
 
 BENCH_FILE = "bench.json"
 """The bench stage's result: a JSON list of rows (model, scheme, prefill_ms_128, prefill_ms_512,
-decode_tokens_per_s, file_mb, peak_rss_mb, perplexity, ...), read by `pipeline.report`."""
+decode_tokens_per_s, file_mb, peak_rss_mb, perplexity, ...), read by `rotaq.pipeline.report`."""
 
 
 @dataclass(frozen=True)
@@ -246,22 +246,22 @@ def _fixed_name(name: str) -> Callable[[str], str]:
 
 
 STAGES: dict[str, StageDefinition] = {definition.name: definition for definition in (
-    StageDefinition("rotate", "rotations.stage", ("run_rotate", "RotateOptions"), _rotate_options, _rotate),
-    StageDefinition("finetune", "adapters.finetune", ("run_finetune", "FinetuneOptions", "TrainConfig"),
+    StageDefinition("rotate", "rotaq.rotations.stage", ("run_rotate", "RotateOptions"), _rotate_options, _rotate),
+    StageDefinition("finetune", "rotaq.adapters.finetune", ("run_finetune", "FinetuneOptions", "TrainConfig"),
                     _finetune_options, _finetune),
-    StageDefinition("merge", "adapters.merge_stage", ("run_merge", "MergeOptions"), _merge_options, _merge),
-    StageDefinition("quantize", "quantizers.stage", ("run_quantize", "QuantizeOptions"), _quantize_options,
+    StageDefinition("merge", "rotaq.adapters.merge_stage", ("run_merge", "MergeOptions"), _merge_options, _merge),
+    StageDefinition("quantize", "rotaq.quantizers.stage", ("run_quantize", "QuantizeOptions"), _quantize_options,
                     _quantize),
-    StageDefinition("export", "export.stage", ("run_export", "ExportOptions"), _export_options, _export,
-                    done_file="export.json"),  # export.layout.MANIFEST_NAME
-    StageDefinition("bench", "export.bench", ("run_bench", "BenchOptions"), _bench_options, _bench,
+    StageDefinition("export", "rotaq.export.stage", ("run_export", "ExportOptions"), _export_options, _export,
+                    done_file="export.json"),  # rotaq.export.layout.MANIFEST_NAME
+    StageDefinition("bench", "rotaq.export.bench", ("run_bench", "BenchOptions"), _bench_options, _bench,
                     done_file=BENCH_FILE),
-    StageDefinition("outliers", "eval.commands", ("run_outliers", "OutlierOptions"), _outliers_options, _outliers,
+    StageDefinition("outliers", "rotaq.eval.commands", ("run_outliers", "OutlierOptions"), _outliers_options, _outliers,
                     done_file="outliers_summary.json"),
-    StageDefinition("evaluate", "eval.commands", ("run_eval", "EvalOptions"), _evaluate_options, _evaluate,
+    StageDefinition("evaluate", "rotaq.eval.commands", ("run_eval", "EvalOptions"), _evaluate_options, _evaluate,
                     done_file=None, output_name=_evaluation_file),
-    StageDefinition("results", "pipeline.run_results", ("write_results",), _no_options, _results,
+    StageDefinition("results", "rotaq.pipeline.run_results", ("write_results",), _no_options, _results,
                     done_file=None, output_name=_fixed_name(RESULTS_FILE)),
-    StageDefinition("report", "pipeline.report", ("write_report",), _report_options, _report,
+    StageDefinition("report", "rotaq.pipeline.report", ("write_report",), _report_options, _report,
                     done_file=None, output_name=_fixed_name(REPORT_HTML)),
 )}

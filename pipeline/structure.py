@@ -11,23 +11,23 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.families import DecoderFamily
+from rotaq.pipeline.families import DecoderFamily
 
 
 def install_structure(model: nn.Module, family: DecoderFamily, manifest: dict[str, Any]) -> None:
     if rotation := manifest.get("rotation"):
-        from rotations.rotate import install_rotation_structure
+        from rotaq.rotations.rotate import install_rotation_structure
 
         install_rotation_structure(model, rotation)
     if adapters := manifest.get("adapters"):
-        from adapters.structure import install_adapter_structure
+        from rotaq.adapters.structure import install_adapter_structure
 
         install_adapter_structure(model, family, adapters)
     if side_paths := manifest.get("side_paths"):
-        from adapters.lor2c import install_lor2c_structure
+        from rotaq.adapters.lor2c import install_lor2c_structure
 
         install_lor2c_structure(model, family, side_paths)
     if quantization := manifest.get("quantization"):
-        from quantizers.structure import install_quantization_structure
+        from rotaq.quantizers.structure import install_quantization_structure
 
         install_quantization_structure(model, family, quantization)

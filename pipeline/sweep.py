@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.locks import LOCK_NAME, folder_lock
-from pipeline.run import check_run_inputs, run_pipeline
-from pipeline.run_plan import plan_run
-from pipeline.sweep_spec import SweepSpec, Variant
-from pipeline.sweep_table import SWEEP_FORMAT, variant_rows, write_sweep_outputs
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.locks import LOCK_NAME, folder_lock
+from rotaq.pipeline.run import check_run_inputs, run_pipeline
+from rotaq.pipeline.run_plan import plan_run
+from rotaq.pipeline.sweep_spec import SweepSpec, Variant
+from rotaq.pipeline.sweep_table import SWEEP_FORMAT, variant_rows, write_sweep_outputs
 
 VARIANTS_FOLDER = "variants"
 STORE_FOLDER = "store"

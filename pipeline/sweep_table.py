@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.tables import csv_text, json_records, markdown_table
-from pipeline.atomic import atomic_write, write_json_atomic
-from pipeline.config_template import yaml_value
-from pipeline.report import RunFiles
-from pipeline.report_charts import pareto_front, plot_accuracy_tradeoff, tradeoff_point
-from pipeline.run_results import RESULTS_FILE
-from pipeline.stage_cache import RUN_RECORD, read_marker
+from rotaq.eval.tables import csv_text, json_records, markdown_table
+from rotaq.pipeline.atomic import atomic_write, write_json_atomic
+from rotaq.pipeline.config_template import yaml_value
+from rotaq.pipeline.report import RunFiles
+from rotaq.pipeline.report_charts import pareto_front, plot_accuracy_tradeoff, tradeoff_point
+from rotaq.pipeline.run_results import RESULTS_FILE
+from rotaq.pipeline.stage_cache import RUN_RECORD, read_marker
 
 SWEEP_FORMAT = "rotaq-sweep/1"
 SWEEP_STEM = "sweep"
@@ -31,7 +31,7 @@ FRONTS = (("latency", "decode_speedup", True), ("size", "file_mb", False))
 _METRIC_COLUMNS = ["perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement", "decode_tokens_per_s",
                    "decode_speedup", "prefill_ms", "prefill_speedup", "file_mb", "size_ratio", "peak_rss_mb",
                    "finetune_s", "trainable_parameters", "pareto"]
-BENCH_STAGE = "bench"  # the one bench stage of a run (pipeline.run_plan)
+BENCH_STAGE = "bench"  # the one bench stage of a run (rotaq.pipeline.run_plan)
 SUMMARY_COLUMNS = ["branch", "model", "perplexity", "ppl_vs_source", "kl_divergence", "top1_agreement",
                    "decode_tokens_per_s", "decode_speedup", "prefill_speedup", "file_mb", "size_ratio"]
 
@@ -103,7 +103,7 @@ def _trainable_parameters(run: RunFiles) -> int | None:
     """Elements of the fine-tune's adapters.safetensors (every trainable tensor once), read from its header."""
     from safetensors import safe_open
 
-    from adapters.finetune import ADAPTERS_FILE
+    from rotaq.adapters.finetune import ADAPTERS_FILE
 
     entry = next(iter(run.stages("finetune")), None)
     path = run.folder / entry["output"] / ADAPTERS_FILE if entry else None

@@ -2,7 +2,7 @@
 
 Everything here is written with plain tensor ops (amax, abs, round, clamp, where, division) and no
 Python branching on tensor values, so the fake-quant model exports with ``torch.onnx.export``.
-Codes follow the weight convention of ``quantizers.rtn``: symmetric codes are signed ``int8``,
+Codes follow the weight convention of ``rotaq.quantizers.rtn``: symmetric codes are signed ``int8``,
 asymmetric codes and zero points are unsigned ``uint8``; scales are ``float32`` of shape ``[..., 1]``.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.errors import RotaqError
-from quantizers.rtn import dequantize_codes, qrange, quantize_to_codes
+from rotaq.pipeline.errors import RotaqError
+from rotaq.quantizers.rtn import dequantize_codes, qrange, quantize_to_codes
 
 
 def _per_token_params(

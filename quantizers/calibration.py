@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.families import DecoderFamily, decoder_layers
+from rotaq.pipeline.families import DecoderFamily, decoder_layers
 
 
 class StopForward(Exception):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli_args import add_model_argument
+from rotaq.pipeline.cli_args import add_model_argument
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from pipeline.data import DataSpec
-    from quantizers.stage import QuantizeOptions, run_quantize
+    from rotaq.pipeline.data import DataSpec
+    from rotaq.quantizers.stage import QuantizeOptions, run_quantize
 
     out = run_quantize(QuantizeOptions(
         model=args.model, out=Path(args.out), scheme=args.scheme, weights=args.weights, group=args.group,

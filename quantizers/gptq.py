@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.errors import NonFiniteError, RotaqError
-from quantizers.rtn import (
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
+from rotaq.quantizers.rtn import (
     QuantizedWeight,
     check_weight,
     compute_qparams,
@@ -24,7 +24,7 @@ from quantizers.rtn import (
     pad_columns,
     quantize_to_codes,
 )
-from quantizers.schemes import group_count
+from rotaq.quantizers.schemes import group_count
 
 
 class HessianAccumulator:

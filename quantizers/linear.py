@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantizers.activations import fake_quantize_activations, fake_quantize_per_token
-from rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
+from rotaq.quantizers.activations import fake_quantize_activations, fake_quantize_per_token
+from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from pipeline.progress import progress_bar
+from rotaq.pipeline.progress import progress_bar
 
-from adapters.lor2c import LayerByLayer, lor2c_paths
-from pipeline.errors import RotaqError
-from pipeline.families import DecoderFamily, decoder_layers
-from quantizers.calibration import (
+from rotaq.adapters.lor2c import LayerByLayer, lor2c_paths
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import DecoderFamily, decoder_layers
+from rotaq.quantizers.calibration import (
     LayerInputs,
     StopForward,
     capture_first_layer_inputs,
@@ -27,11 +27,11 @@ from quantizers.calibration import (
     run_layer,
     run_layer_until_stopped,
 )
-from quantizers.gptq import HessianAccumulator, gptq_quantize
-from quantizers.linear import LayerQuantSpec, QuantizedLinear
-from quantizers.rtn import QuantizedWeight, quantize_weight_rtn
-from quantizers.schemes import QuantScheme
-from quantizers.structure import install_quantized_linear
+from rotaq.quantizers.gptq import HessianAccumulator, gptq_quantize
+from rotaq.quantizers.linear import LayerQuantSpec, QuantizedLinear
+from rotaq.quantizers.rtn import QuantizedWeight, quantize_weight_rtn
+from rotaq.quantizers.schemes import QuantScheme
+from rotaq.quantizers.structure import install_quantized_linear
 
 WEIGHT_METHODS = ("rtn", "gptq")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.errors import NonFiniteError, RotaqError
-from quantizers.schemes import group_count, validate_group
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
+from rotaq.quantizers.schemes import group_count, validate_group
 
 # Clip ratios tried by the clipping search (1.0 first, so ties keep the unclipped range).
 CLIP_RATIOS: tuple[float, ...] = tuple(torch.linspace(1.0, 0.5, 21).tolist())

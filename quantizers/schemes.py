@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipeline.errors import RotaqError
+from rotaq.pipeline.errors import RotaqError
 
 WEIGHT_BITS = (4, 8)
 ACT_BITS = (4, 8, 16)

@@ -16,13 +16,13 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
-from pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from pipeline.errors import RotaqError
-from pipeline.loading import load_model
-from quantizers.quantize_model import QuantizeSettings, quantize_model
-from quantizers.rtn import QuantizedWeight
-from quantizers.schemes import QuantScheme, parse_scheme
+from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+from rotaq.quantizers.rtn import QuantizedWeight
+from rotaq.quantizers.schemes import QuantScheme, parse_scheme
 
 logger = logging.getLogger(__name__)
 CODES_NAME = "quantized.safetensors"

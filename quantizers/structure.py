@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.families import DecoderFamily, set_submodule
-from quantizers.linear import LayerQuantSpec, QuantizedLinear
+from rotaq.pipeline.families import DecoderFamily, set_submodule
+from rotaq.quantizers.linear import LayerQuantSpec, QuantizedLinear
 
 
 def install_quantized_linear(model: nn.Module, path: str, spec: LayerQuantSpec) -> QuantizedLinear:

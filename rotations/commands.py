@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli_args import add_model_argument
+from rotaq.pipeline.cli_args import add_model_argument
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    from pipeline.artifacts import read_manifest
-    from rotations.stage import RotateOptions, run_rotate
+    from rotaq.pipeline.artifacts import read_manifest
+    from rotaq.rotations.stage import RotateOptions, run_rotate
 
     out = run_rotate(RotateOptions(model=args.model, out=Path(args.out), rotation=args.rotation, seed=args.seed,
                                    online=not args.no_online, check=not args.no_check))

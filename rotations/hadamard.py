@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pipeline.errors import NoHadamardError
+from rotaq.pipeline.errors import NoHadamardError
 
 # Widths read from each model's config.json: (hidden, intermediate, head_dim, kv_heads * head_dim).
 # num_heads * head_dim equals hidden for every model below, so the query width is not repeated.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rotations.hadamard import apply_hadamard, hadamard_factors, has_hadamard, random_orthogonal_matrix
+from rotaq.rotations.hadamard import apply_hadamard, hadamard_factors, has_hadamard, random_orthogonal_matrix
 
 
 def online_rotation_spec(width: int, kind: str, seed: int) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import RotaqError
-from pipeline.families import DecoderFamily, decoder_layers, set_submodule
-from rotations.hadamard import random_hadamard_matrix, random_orthogonal_matrix
-from rotations.online import OnlineRotatedLinear, OnlineRotation, online_rotation_spec
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
+from rotaq.rotations.hadamard import random_hadamard_matrix, random_orthogonal_matrix
+from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, online_rotation_spec
 
 ROTATION_KINDS = ("hadamard", "random")
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at once, to bound float64 memory

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
-from pipeline.errors import RotaqError
-from pipeline.loading import load_model
-from rotations.rotate import RotationConfig, rotate_model
+from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.loading import load_model
+from rotaq.rotations.rotate import RotationConfig, rotate_model
 
 logger = logging.getLogger(__name__)
 

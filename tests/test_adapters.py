@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.config import AdapterConfig, resolve_targets
-from adapters.layers import AdaptedLinear
-from adapters.structure import install_adapters, mark_only_adapters_trainable, set_fake_quantization
-from pipeline.errors import RotaqError
-from pipeline.families import decoder_layers, family_for_model
-from rotations.rotate import RotationConfig, rotate_model
+from rotaq.adapters.config import AdapterConfig, resolve_targets
+from rotaq.adapters.layers import AdaptedLinear
+from rotaq.adapters.structure import install_adapters, mark_only_adapters_trainable, set_fake_quantization
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import decoder_layers, family_for_model
+from rotaq.rotations.rotate import RotationConfig, rotate_model
 from tests.test_finetune_helpers import max_relative_error, one_torch_thread, randomize_adapters  # noqa: F401
 from tests.tiny_models import random_tokens, tiny_model
 
@@ -180,8 +180,8 @@ def test_bad_qat_scheme_and_second_install_are_refused() -> None:
 
 
 def test_qat_clips_activations_as_the_deployment_will() -> None:
-    from adapters.qat import FakeQuantizers
-    from quantizers.activations import fake_quantize_activations
+    from rotaq.adapters.qat import FakeQuantizers
+    from rotaq.quantizers.activations import fake_quantize_activations
 
     inputs = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     inputs[0, 3] = 40.0  # an outlier that clipping cuts

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import MANIFEST_NAME, new_manifest, read_manifest, verify_files, write_model_artifact
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.families import family_for_model
-from pipeline.loading import load_model
-from rotations.rotate import RotationConfig, rotate_model
-from rotations.stage import RotateOptions, max_relative_error, run_rotate
+from rotaq.pipeline.artifacts import MANIFEST_NAME, new_manifest, read_manifest, verify_files, write_model_artifact
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.families import family_for_model
+from rotaq.pipeline.loading import load_model
+from rotaq.rotations.rotate import RotationConfig, rotate_model
+from rotaq.rotations.stage import RotateOptions, max_relative_error, run_rotate
 from tests.tiny_models import random_tokens
 
 
@@ -102,7 +102,7 @@ def test_same_size_corruption_is_found_by_the_hash(tiny_hf_folder: Path, tmp_pat
     verify_files(out, manifest, full=False, names=["config.json"])  # other files are not read
     with pytest.raises(ArtifactError, match="does not match the SHA-256"):
         verify_files(out, manifest, full=True)
-    monkeypatch.setattr("pipeline.artifacts.CHEAP_HASH_BYTES", 0)  # a large file: only its size is checked
+    monkeypatch.setattr("rotaq.pipeline.artifacts.CHEAP_HASH_BYTES", 0)  # a large file: only its size is checked
     verify_files(out, manifest, full=False)
 
 
@@ -122,7 +122,7 @@ def test_out_over_the_input_is_refused_and_loses_nothing(stage: str, tiny_hf_fol
                                                          capsys: pytest.CaptureFixture) -> None:
     import shutil
 
-    from pipeline.cli import main
+    from rotaq.pipeline.cli import main
 
     model = tmp_path / "model"
     shutil.copytree(tiny_hf_folder, model)

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from export.bench import BenchOptions, kernel_summary, run_bench, scheme_label
-from export.layout import read_layout
-from export.stage import ExportOptions, run_export
-from pipeline.cli import main
-from pipeline.data import DataSpec
-from pipeline.errors import ArtifactError, RotaqError
-from quantizers.stage import QuantizeOptions, run_quantize
-from rotations.stage import RotateOptions, run_rotate
+from rotaq.export.bench import BenchOptions, kernel_summary, run_bench, scheme_label
+from rotaq.export.layout import read_layout
+from rotaq.export.stage import ExportOptions, run_export
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.data import DataSpec
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.quantizers.stage import QuantizeOptions, run_quantize
+from rotaq.rotations.stage import RotateOptions, run_rotate
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_gate_plumbing_baseline_samples_verdict_files_and_identity(exports: dict
     samples (tests/test_gate.py) and measured by `make gate-check`, never asserted from a wall clock."""
     import shutil
 
-    from export.bench_gate import EXIT_CODES
+    from rotaq.export.bench_gate import EXIT_CODES
 
     baseline = tmp_path / "base.json"
     models = (exports["fp32"], exports["w4a8"])

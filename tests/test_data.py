@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import (
+from rotaq.pipeline.data import (
     Document,
     load_documents,
     make_windows,
     split_tokens,
 )
-from pipeline.errors import DataError
+from rotaq.pipeline.errors import DataError
 
 
 def test_default_text_is_the_shakespeare_plays() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from eval.metrics import evaluate
-from eval.outliers import collect_linear_input_stats, summarize
-from pipeline.data import DataSpec, load_split_windows
-from pipeline.loading import LoadedModel, load_model
-from rotations.stage import RotateOptions, run_rotate
+from rotaq.eval.metrics import evaluate
+from rotaq.eval.outliers import collect_linear_input_stats, summarize
+from rotaq.pipeline.data import DataSpec, load_split_windows
+from rotaq.pipeline.loading import LoadedModel, load_model
+from rotaq.rotations.stage import RotateOptions, run_rotate
 
 pytestmark = pytest.mark.slow
 EVAL = DataSpec(seq_len=512, max_tokens=2048)

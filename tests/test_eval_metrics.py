@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.metrics import EvalResult, compare_logits, evaluate, evaluate_logits_fn
-from eval.outliers import collect_linear_input_stats, outlier_table, summarize
-from eval.plots import plot_outliers
-from eval.tables import markdown_table, write_table
-from pipeline.errors import DataError, RotaqError
+from rotaq.eval.metrics import EvalResult, compare_logits, evaluate, evaluate_logits_fn
+from rotaq.eval.outliers import collect_linear_input_stats, outlier_table, summarize
+from rotaq.eval.plots import plot_outliers
+from rotaq.eval.tables import markdown_table, write_table
+from rotaq.pipeline.errors import DataError, RotaqError
 
 VOCAB = 64
 
@@ -102,7 +102,7 @@ def test_batch_size_does_not_change_result(llama, windows):
 def test_position_chunking_does_not_change_result(llama, windows, monkeypatch):
     other = _perturbed(llama)
     whole = evaluate(other, windows, reference=llama, progress=False)
-    monkeypatch.setattr("eval.metrics._CHUNK_ELEMENTS", 3 * VOCAB)  # 3 positions per float64 slice
+    monkeypatch.setattr("rotaq.eval.metrics._CHUNK_ELEMENTS", 3 * VOCAB)  # 3 positions per float64 slice
     sliced = evaluate(other, windows, reference=llama, progress=False)
     assert sliced.nll == pytest.approx(whole.nll, rel=1e-12)
     assert sliced.kl_divergence == pytest.approx(whole.kl_divergence, rel=1e-12)
@@ -286,7 +286,7 @@ def test_write_table(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["eval.w4.csv", "eval.w4.json", "eval.w4.md"]
 
     md = paths["md"].read_text().splitlines()
-    assert md[0] == "| Model | ppl | tokens | kl |"  # the label of a known key (eval.labels); CSV keeps the key
+    assert md[0] == "| Model | ppl | tokens | kl |"  # the label of a known key (rotaq.eval.labels); CSV keeps the key
     assert md[1] == "| --- | ---: | ---: | ---: |"
     assert md[2] == "| base | 12.35 | 1,000 |  |"
     assert md[3] == "| w4\\|rot | 13 | 1,000 | nan |"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from export.emitters import (
+from rotaq.export.emitters import (
     ActQuant,
     LinearEmitter,
     MatMulIntegerLinear,
@@ -20,11 +20,11 @@ from export.emitters import (
     integer_tensor,
     single_layer_model,
 )
-from export.layout import OPSET
-from export.runtime import create_session
-from pipeline.errors import RotaqError
-from quantizers.activations import fake_quantize_per_token
-from quantizers.rtn import quantize_weight_rtn
+from rotaq.export.layout import OPSET
+from rotaq.export.runtime import create_session
+from rotaq.pipeline.errors import RotaqError
+from rotaq.quantizers.activations import fake_quantize_per_token
+from rotaq.quantizers.rtn import quantize_weight_rtn
 
 IN, OUT = 128, 40
 A16, A8, A4 = ActQuant(16), ActQuant(8), ActQuant(4)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.checks import check_onnx_file, decode_logits, max_relative_error
-from export.generate import SamplingOptions, generate_ids
-from export.graph_module import DecoderGraph
-from export.runtime import OnnxDecoder
-from export.stage import write_onnx_folder
-from pipeline.families import family_for_model
-from pipeline.loading import LoadedModel
-from rotations.rotate import RotationConfig, rotate_model
+from rotaq.export.checks import check_onnx_file, decode_logits, max_relative_error
+from rotaq.export.generate import SamplingOptions, generate_ids
+from rotaq.export.graph_module import DecoderGraph
+from rotaq.export.runtime import OnnxDecoder
+from rotaq.export.stage import write_onnx_folder
+from rotaq.pipeline.families import family_for_model
+from rotaq.pipeline.loading import LoadedModel
+from rotaq.rotations.rotate import RotationConfig, rotate_model
 from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
 
 CASES = [(name, rotated) for name in sorted(TINY_CONFIGS) for rotated in (False, True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from export.checks import graph_prefill_logits, max_relative_error
-from export.graph_module import DecoderGraph
-from pipeline.errors import UnsupportedModelError
-from pipeline.families import family_for_model
+from rotaq.export.checks import graph_prefill_logits, max_relative_error
+from rotaq.export.graph_module import DecoderGraph
+from rotaq.pipeline.errors import UnsupportedModelError
+from rotaq.pipeline.families import family_for_model
 from tests.tiny_models import random_tokens, tiny_config, tiny_model
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.layout import EXPORT_FORMAT, MANIFEST_NAME, read_layout
-from pipeline.errors import ArtifactError
+from rotaq.export.layout import EXPORT_FORMAT, MANIFEST_NAME, read_layout
+from rotaq.pipeline.errors import ArtifactError
 
 
 def _export_folder(folder: Path, graph: str) -> Path:

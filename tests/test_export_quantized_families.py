@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import evaluate_logits_fn
-from export.checks import check_onnx_file, decode_logits, max_relative_error
-from export.generate import SamplingOptions, generate_ids
-from export.graph_module import DecoderGraph
-from export.quantized import emitters_for
-from export.runtime import OnnxDecoder
-from export.stage import write_onnx_folder
-from pipeline.families import family_for_model
-from pipeline.loading import LoadedModel
-from quantizers.quantize_model import QuantizeSettings, quantize_model
-from quantizers.schemes import parse_scheme
-from rotations.rotate import RotationConfig, rotate_model
+from rotaq.eval.metrics import evaluate_logits_fn
+from rotaq.export.checks import check_onnx_file, decode_logits, max_relative_error
+from rotaq.export.generate import SamplingOptions, generate_ids
+from rotaq.export.graph_module import DecoderGraph
+from rotaq.export.quantized import emitters_for
+from rotaq.export.runtime import OnnxDecoder
+from rotaq.export.stage import write_onnx_folder
+from rotaq.pipeline.families import family_for_model
+from rotaq.pipeline.loading import LoadedModel
+from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+from rotaq.quantizers.schemes import parse_scheme
+from rotaq.rotations.rotate import RotationConfig, rotate_model
 from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
 
 # Tiny widths (36-64) are not multiples of 32: w4a16-g32 has a ragged last group.

@@ -10,15 +10,15 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.layout import DATA_NAME, GRAPH_NAME, read_layout
-from export.runtime import OnnxDecoder
-from export.stage import ExportOptions, run_export
-from pipeline.artifacts import sha256_file
-from pipeline.cli import main
-from pipeline.errors import ArtifactError, RotaqError
-from pipeline.loading import load_model
-from quantizers.stage import QuantizeOptions, run_quantize
-from rotations.stage import RotateOptions, run_rotate
+from rotaq.export.layout import DATA_NAME, GRAPH_NAME, read_layout
+from rotaq.export.runtime import OnnxDecoder
+from rotaq.export.stage import ExportOptions, run_export
+from rotaq.pipeline.artifacts import sha256_file
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.stage import QuantizeOptions, run_quantize
+from rotaq.rotations.stage import RotateOptions, run_rotate
 from tests.test_export_families import (
     check_greedy_matches_hf_generate,
     check_left_padding,

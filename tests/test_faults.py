@@ -103,7 +103,7 @@ class ChildRun:
 
 
 def cli_command(config: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--out", str(run_dir)]
+    return [sys.executable, "-m", "rotaq.pipeline.cli", "run", "--config", str(config), "--out", str(run_dir)]
 
 
 def run_child(config: Path, run_dir: Path, log: Path, kill: KillPoint | None = None, delay_s: float = 0.0,

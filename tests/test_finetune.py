@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adapters.train
-from adapters.config import AdapterConfig
-from adapters.finetune import ADAPTERS_FILE, TRAINING_LOG_FILE, run_finetune
-from adapters.layers import AdaptedLinear
-from adapters.structure import install_adapters, load_adapter_state
-from pipeline.artifacts import WEIGHTS_NAME, read_manifest
-from pipeline.cli import main
-from pipeline.errors import NonFiniteError, RotaqError
-from pipeline.loading import load_model
+import rotaq.adapters.train
+from rotaq.adapters.config import AdapterConfig
+from rotaq.adapters.finetune import ADAPTERS_FILE, TRAINING_LOG_FILE, run_finetune
+from rotaq.adapters.layers import AdaptedLinear
+from rotaq.adapters.structure import install_adapters, load_adapter_state
+from rotaq.pipeline.artifacts import WEIGHTS_NAME, read_manifest
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
+from rotaq.pipeline.loading import load_model
 from tests.test_finetune_helpers import (  # noqa: F401 (one_torch_thread is an autouse fixture)
     SEQ_LEN,
     finetune_options,
@@ -90,7 +90,7 @@ def test_norm_ratios_cover_every_shortcut(rotated: Path, tiny_text_file: Path, t
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int, error: BaseException | None) -> None:
     """Make the loss of optimizer step `step` NaN (error None) or raise `error` there."""
-    real_loss = adapters.train.causal_lm_loss
+    real_loss = rotaq.adapters.train.causal_lm_loss
     calls = {"count": 0}
 
     def loss(model, input_ids):
@@ -102,7 +102,7 @@ def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int, error: BaseExc
             return value * float("nan")
         return value
 
-    monkeypatch.setattr(adapters.train, "causal_lm_loss", loss)
+    monkeypatch.setattr(rotaq.adapters.train, "causal_lm_loss", loss)
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(rotated: Path, tiny_text_file: Path, tmp_path: Path,
@@ -171,7 +171,7 @@ def test_two_processes_train_identical_adapters(rotated: Path, tiny_text_file: P
     """Data-parallel on CPU: torchrun starts two gloo processes, accelerate averages their gradients."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline.cli", "finetune", "--model", str(rotated), "--adapter", "reslora-ms",
+               "-m", "rotaq.pipeline.cli", "finetune", "--model", str(rotated), "--adapter", "reslora-ms",
                "--data", str(tiny_text_file), "--seq-len", str(SEQ_LEN), "--rank", "4", "--steps", "3",
                "--batch-size", "2", "--grad-accum", "2", "--lr", "0.01", "--eval-every", "0", "--out", str(out)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapters.finetune import FinetuneOptions
-from adapters.train import TrainConfig
-from rotations.stage import RotateOptions, run_rotate
+from rotaq.adapters.finetune import FinetuneOptions
+from rotaq.adapters.train import TrainConfig
+from rotaq.rotations.stage import RotateOptions, run_rotate
 from tests.tiny_models import tiny_model
 
 SEQ_LEN = 32

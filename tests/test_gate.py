@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bench_gate import (FAIL, INCONCLUSIVE, PASS, GateOptions, GateResult, check_baseline_target, compare,
+from rotaq.export.bench_gate import (FAIL, INCONCLUSIVE, PASS, GateOptions, GateResult, check_baseline_target, compare,
                                load_baseline, more_rounds_while_inconclusive, save_baseline)
-from export.gate_stats import log_shift_interval, lower_critical_value, verdict
-from pipeline.errors import ArtifactError, RotaqError
+from rotaq.export.gate_stats import log_shift_interval, lower_critical_value, verdict
+from rotaq.pipeline.errors import ArtifactError, RotaqError
 
 MACHINE = {"cpu": "x", "threads": 2, "onnxruntime": "1"}
 FP32_HASH, W4A8_HASH, SHAPE = "a" * 64, "b" * 64, "2 layers, 2 kv heads x 8, vocab 96"

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export.generate import SamplingOptions, choose_next_token, generate_ids
-from pipeline.errors import RotaqError
+from rotaq.export.generate import SamplingOptions, choose_next_token, generate_ids
+from rotaq.pipeline.errors import RotaqError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_generate_module_does_not_import_torch() -> None:
-    code = ("import sys, export.generate, export.runtime; "
+    code = ("import sys, rotaq.export.generate, rotaq.export.runtime; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import NoHadamardError
-from rotations.hadamard import (
+from rotaq.pipeline.errors import NoHadamardError
+from rotaq.rotations.hadamard import (
     LLM_WIDTHS,
     _irreducible_polynomial,
     _is_irreducible,

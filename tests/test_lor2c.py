@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.lor2c import (INJECT_LOR2C, LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, LoraLinear, Lor2cConfig,
+from rotaq.adapters.lor2c import (INJECT_LOR2C, LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, LoraLinear, Lor2cConfig,
                             install_lor2c, lor2c_parameter_count, path_score)
-from pipeline.errors import RotaqError
-from pipeline.families import family_for_model as family_for
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import family_for_model as family_for
 from tests.tiny_models import tiny_model
 
 
@@ -143,9 +143,9 @@ def test_a_model_takes_one_set_of_paths() -> None:
 
 
 def test_dry_run_counts_match_the_installed_adapters() -> None:
-    from adapters.config import AdapterConfig
-    from adapters.parameter_counts import adapter_parameter_counts
-    from adapters.structure import install_adapters, mark_only_adapters_trainable
+    from rotaq.adapters.config import AdapterConfig
+    from rotaq.adapters.parameter_counts import adapter_parameter_counts
+    from rotaq.adapters.structure import install_adapters, mark_only_adapters_trainable
 
     model, _ = _model_and_ids()
     family = family_for(model)

@@ -10,19 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters.finetune import ADAPTERS_FILE, TRAINING_LOG_FILE, run_finetune
-from adapters.lor2c import INJECT_LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig, install_lor2c, \
+from rotaq.adapters.finetune import ADAPTERS_FILE, TRAINING_LOG_FILE, run_finetune
+from rotaq.adapters.lor2c import INJECT_LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig, install_lor2c, \
     lor2c_paths
-from adapters.merge_stage import MergeOptions, run_merge
-from export.checks import check_graph_matches_model
-from export.stage import ExportOptions, build_graph, run_export
-from pipeline.artifacts import read_manifest
-from pipeline.data import DataSpec
-from pipeline.errors import RotaqError
-from pipeline.families import decoder_layers, family_for_model
-from pipeline.loading import load_model
-from quantizers.calibration import capture_first_layer_inputs, run_layer
-from quantizers.stage import QuantizeOptions, run_quantize
+from rotaq.adapters.merge_stage import MergeOptions, run_merge
+from rotaq.export.checks import check_graph_matches_model
+from rotaq.export.stage import ExportOptions, build_graph, run_export
+from rotaq.pipeline.artifacts import read_manifest
+from rotaq.pipeline.data import DataSpec
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import decoder_layers, family_for_model
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.calibration import capture_first_layer_inputs, run_layer
+from rotaq.quantizers.stage import QuantizeOptions, run_quantize
 from tests.test_finetune import interrupt_at_step
 from tests.test_finetune_helpers import (  # noqa: F401 (one_torch_thread is an autouse fixture)
     SEQ_LEN,
@@ -188,7 +188,7 @@ def test_exported_side_paths_match_pytorch_in_onnx_runtime(side_path_folder: Pat
 
 
 def _logits_pair(graph, model, tokens):
-    from export.checks import graph_prefill_logits
+    from rotaq.export.checks import graph_prefill_logits
 
     with torch.no_grad():
         return graph_prefill_logits(graph, tokens), model(input_ids=tokens).logits
@@ -196,7 +196,7 @@ def _logits_pair(graph, model, tokens):
 
 def test_a_model_with_side_paths_is_not_fine_tuned_or_rotated_again(side_path_folder: Path, tiny_text_file: Path,
                                                                      tmp_path: Path) -> None:
-    from rotations.stage import RotateOptions, run_rotate
+    from rotaq.rotations.stage import RotateOptions, run_rotate
 
     with pytest.raises(RotaqError, match="carries LoR2C side paths"):
         run_finetune(finetune_options(side_path_folder, tmp_path / "x", tiny_text_file, adapter="lora"))

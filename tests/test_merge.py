@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.finetune import run_finetune
-from adapters.layers import AdaptedLinear
-from adapters.merge_stage import MergeOptions, run_merge
-from pipeline.artifacts import read_manifest
-from pipeline.cli import main
-from pipeline.errors import ArtifactError
-from pipeline.loading import load_model
-from rotations.online import OnlineRotatedLinear
+from rotaq.adapters.finetune import run_finetune
+from rotaq.adapters.layers import AdaptedLinear
+from rotaq.adapters.merge_stage import MergeOptions, run_merge
+from rotaq.pipeline.artifacts import read_manifest
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.errors import ArtifactError
+from rotaq.pipeline.loading import load_model
+from rotaq.rotations.online import OnlineRotatedLinear
 from tests.test_finetune_helpers import (  # noqa: F401 (one_torch_thread is an autouse fixture)
     SEQ_LEN,
     finetune_options,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.progress import LOG_INTERVAL_S, progress_bar
+from rotaq.pipeline.progress import LOG_INTERVAL_S, progress_bar
 
 
 class FakeTerminal(io.StringIO):

@@ -8,19 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.metrics import evaluate
-from pipeline.artifacts import read_manifest
-from pipeline.data import DataSpec
-from pipeline.errors import RotaqError
-from pipeline.families import family_for_model
-from pipeline.loading import load_model
-from quantizers.linear import QuantizedLinear
-from quantizers.quantize_model import QuantizeSettings, quantize_model
-from quantizers.rtn import dequantize_codes
-from quantizers.schemes import parse_scheme
-from quantizers.stage import CODES_NAME, QuantizeOptions, run_quantize
-from rotations.rotate import RotationConfig, rotate_model
-from rotations.stage import RotateOptions, run_rotate
+from rotaq.eval.metrics import evaluate
+from rotaq.pipeline.artifacts import read_manifest
+from rotaq.pipeline.data import DataSpec
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.families import family_for_model
+from rotaq.pipeline.loading import load_model
+from rotaq.quantizers.linear import QuantizedLinear
+from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+from rotaq.quantizers.rtn import dequantize_codes
+from rotaq.quantizers.schemes import parse_scheme
+from rotaq.quantizers.stage import CODES_NAME, QuantizeOptions, run_quantize
+from rotaq.rotations.rotate import RotationConfig, rotate_model
+from rotaq.rotations.stage import RotateOptions, run_rotate
 from tests.tiny_models import random_tokens, tiny_model
 
 CALIBRATION = DataSpec(seq_len=32, max_tokens=32 * 8)
@@ -91,9 +91,9 @@ def test_quantize_refuses_bad_input(rotated_tiny: Path, tmp_path: Path) -> None:
 def test_kv_cache_quantization_is_per_token_and_head_and_exports(rotated_tiny: Path, tmp_path: Path,
                                                                  kv_bits: int) -> None:
     """k_proj / v_proj outputs (the cache) on a per-head int grid; the ONNX graph computes the same."""
-    from export.layout import read_layout
-    from export.runtime import OnnxDecoder
-    from export.stage import ExportOptions, run_export
+    from rotaq.export.layout import read_layout
+    from rotaq.export.runtime import OnnxDecoder
+    from rotaq.export.stage import ExportOptions, run_export
     from tests.tiny_models import random_tokens
 
     out = run_quantize(QuantizeOptions(model=str(rotated_tiny), out=tmp_path / "q", scheme="w8a8", weights="rtn",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import NonFiniteError, RotaqError
-from quantizers.activations import fake_quantize_per_block, fake_quantize_per_token, quantize_per_token
-from quantizers.gptq import HessianAccumulator, gptq_quantize
-from quantizers.rtn import fake_quantize_weight, qrange, quantize_weight_rtn
-from quantizers.schemes import QuantScheme, parse_scheme, validate_group
+from rotaq.pipeline.errors import NonFiniteError, RotaqError
+from rotaq.quantizers.activations import fake_quantize_per_block, fake_quantize_per_token, quantize_per_token
+from rotaq.quantizers.gptq import HessianAccumulator, gptq_quantize
+from rotaq.quantizers.rtn import fake_quantize_weight, qrange, quantize_weight_rtn
+from rotaq.quantizers.schemes import QuantScheme, parse_scheme, validate_group
 
 
 def _weight(out: int = 48, inn: int = 128, seed: int = 0) -> torch.Tensor:
@@ -67,7 +67,7 @@ def test_w4a8_activations_follow_onnx_runtimes_int8_kernel() -> None:
     """W4A8 quantizes activations per block of 32 along K, as MatMulNBits accuracy_level 4 does."""
     assert parse_scheme("w4a8").act_block_size == 32 and parse_scheme("w8a8").act_block_size == 64
     assert all(parse_scheme(name).act_block_size is None for name in ("w4a4", "w4a16-g128"))
-    from quantizers.quantize_model import activation_block
+    from rotaq.quantizers.quantize_model import activation_block
 
     assert activation_block(parse_scheme("w8a8-g32")) == 32 and activation_block(parse_scheme("w8a8-g48")) == 16
     assert activation_block(parse_scheme("w4a8-g40")) is None  # no kernel block fits: per token

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.artifacts import remove_stale_temporaries, staged_folder
-from pipeline.cli import main
-from pipeline.errors import RotaqError
-from pipeline.locks import LOCK_NAME, FolderBusyError, folder_lock
+from rotaq.pipeline.artifacts import remove_stale_temporaries, staged_folder
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.locks import LOCK_NAME, FolderBusyError, folder_lock
 from tests.test_run import statuses, tiny_settings
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD_LOCK = ("import sys; from pathlib import Path; from pipeline.locks import folder_lock\n"
+HOLD_LOCK = ("import sys; from pathlib import Path; from rotaq.pipeline.locks import folder_lock\n"
              "with folder_lock(Path(sys.argv[1])):\n    print('locked', flush=True); sys.stdin.read()")
 
 
@@ -48,7 +48,7 @@ def test_a_held_folder_is_refused_naming_the_holder_and_freed_when_it_dies(tmp_p
 
 
 def _run_command(config: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--out", str(out)]
+    return [sys.executable, "-m", "rotaq.pipeline.cli", "run", "--config", str(config), "--out", str(out)]
 
 
 def test_two_runs_into_one_folder_one_refuses_and_the_other_keeps_its_own_results(
@@ -128,7 +128,7 @@ def test_a_corrupted_gguf_conversion_is_rebuilt(tmp_path: Path, tiny_hf_folder: 
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from pipeline import loading
+    from rotaq.pipeline import loading
 
     monkeypatch.setenv("ROTAQ_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
@@ -161,7 +161,7 @@ def test_relative_paths_in_a_config_file_mean_its_folder(tmp_path: Path, tiny_hf
                                                          tiny_text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from pipeline.config_loading import load_run_config
+    from rotaq.pipeline.config_loading import load_run_config
 
     project = tmp_path / "project"
     shutil.copytree(tiny_hf_folder, project / "models" / "tiny")
@@ -176,8 +176,8 @@ def test_relative_paths_in_a_config_file_mean_its_folder(tmp_path: Path, tiny_hf
 
 
 def test_run_checks_its_model_and_data_before_the_first_stage(tmp_path: Path, tiny_hf_folder: Path) -> None:
-    from pipeline.config_loading import config_from_mapping
-    from pipeline.run import run_pipeline
+    from rotaq.pipeline.config_loading import config_from_mapping
+    from rotaq.pipeline.run import run_pipeline
 
     config = config_from_mapping({"model": str(tiny_hf_folder), "data": str(tmp_path / "missing.txt")})
     with pytest.raises(RotaqError, match="data not found"):
@@ -186,7 +186,7 @@ def test_run_checks_its_model_and_data_before_the_first_stage(tmp_path: Path, ti
 
 
 def test_a_run_folder_killed_before_its_first_record_is_still_usable(tmp_path: Path) -> None:
-    from pipeline.run import _prepare_run_folder
+    from rotaq.pipeline.run import _prepare_run_folder
 
     folder = tmp_path / "run"
     folder.mkdir()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import main
+from rotaq.pipeline.cli import main
 from tests.test_run import tiny_settings
 
 CHROMIUM = Path("/usr/bin/chromium")

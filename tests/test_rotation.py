@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from pipeline.errors import NoHadamardError, RotaqError
-from pipeline.families import family_for_model, layer_linears
-from rotations.online import OnlineRotatedLinear
-from rotations.rotate import RotationConfig, fold_all_norms, rotate_model, untie_word_embeddings
-from rotations.stage import max_relative_error
+from rotaq.pipeline.errors import NoHadamardError, RotaqError
+from rotaq.pipeline.families import family_for_model, layer_linears
+from rotaq.rotations.online import OnlineRotatedLinear
+from rotaq.rotations.rotate import RotationConfig, fold_all_norms, rotate_model, untie_word_embeddings
+from rotaq.rotations.stage import max_relative_error
 from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
 
 TOLERANCE = 1e-4

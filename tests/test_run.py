@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config_loading import apply_override, config_from_mapping
-from pipeline.run import run_pipeline
-from pipeline.run_config import RunConfig
-from pipeline.run_plan import plan_run
-from pipeline.stage_registry import STAGES
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.config_loading import apply_override, config_from_mapping
+from rotaq.pipeline.run import run_pipeline
+from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run_plan import plan_run
+from rotaq.pipeline.stage_registry import STAGES
 
 # Tiny everywhere: windows of 32 tokens, a few windows per evaluation, RTN (no calibration pass), no ONNX export.
 TINY_RUN: dict[str, Any] = {
@@ -133,9 +133,9 @@ def test_activation_clipping_leaves_per_block_a8_schemes_alone(run_copy: Path, t
 
 def test_interrupted_run_resumes_at_quantize(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantizers.stage
+    import rotaq.quantizers.stage
 
-    real_quantize, calls = quantizers.stage.run_quantize, []
+    real_quantize, calls = rotaq.quantizers.stage.run_quantize, []
 
     def crash_once(options: Any) -> Path:
         calls.append(options)
@@ -143,7 +143,7 @@ def test_interrupted_run_resumes_at_quantize(tmp_path: Path, tiny_hf_folder: Pat
             raise RuntimeError("simulated crash in quantize")
         return real_quantize(options)
 
-    monkeypatch.setattr(quantizers.stage, "run_quantize", crash_once)
+    monkeypatch.setattr(rotaq.quantizers.stage, "run_quantize", crash_once)
     config = tiny_config(tiny_hf_folder, tiny_text_file, finetune__enabled=False, outliers__enabled=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline(config, tmp_path / "run", show_stage_progress=False)
@@ -202,10 +202,10 @@ def fake_export(options: Any) -> None:
 
 def test_export_and_bench_results_reach_the_report(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import export.stage
+    import rotaq.export.stage
 
-    monkeypatch.setattr(export.stage, "run_export", fake_export)
-    monkeypatch.setitem(sys.modules, "export.bench",
+    monkeypatch.setattr(rotaq.export.stage, "run_export", fake_export)
+    monkeypatch.setitem(sys.modules, "rotaq.export.bench",
                         types.SimpleNamespace(run_bench=fake_bench, BenchOptions=FakeBenchOptions))
     config = tiny_config(tiny_hf_folder, tiny_text_file, rotate__enabled=False, finetune__enabled=False,
                          quantize__enabled=False, export__enabled=True)

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config_loading import ConfigError
-from pipeline.errors import ArtifactError
-from pipeline.sweep import plan_sweep, run_sweep
-from pipeline.sweep_spec import load_sweep
-from pipeline.sweep_table import mark_pareto
+from rotaq.pipeline.cli import main
+from rotaq.pipeline.config_loading import ConfigError
+from rotaq.pipeline.errors import ArtifactError
+from rotaq.pipeline.sweep import plan_sweep, run_sweep
+from rotaq.pipeline.sweep_spec import load_sweep
+from rotaq.pipeline.sweep_table import mark_pareto
 from tests.test_run import FakeBenchOptions, fake_export, tiny_settings
 
 
@@ -49,10 +49,10 @@ def fake_bench_by_name(options: FakeBenchOptions) -> None:
 
 @pytest.fixture
 def fake_export_and_bench(monkeypatch: pytest.MonkeyPatch) -> None:
-    import export.stage
+    import rotaq.export.stage
 
-    monkeypatch.setattr(export.stage, "run_export", fake_export)
-    monkeypatch.setitem(sys.modules, "export.bench",
+    monkeypatch.setattr(rotaq.export.stage, "run_export", fake_export)
+    monkeypatch.setitem(sys.modules, "rotaq.export.bench",
                         types.SimpleNamespace(run_bench=fake_bench_by_name, BenchOptions=FakeBenchOptions))
 
 
@@ -146,11 +146,11 @@ def test_sweep_runs_shared_stages_once_and_writes_tables_and_pareto_plot(
 
 def test_interrupted_sweep_keeps_its_tables_and_resumes(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantizers.stage
+    import rotaq.quantizers.stage
 
     base = tiny_settings(tiny_hf_folder, tiny_text_file, finetune__enabled=False, outliers__enabled=False)
     spec = load_sweep(write_sweep(tmp_path, {"grid": {"quantize.schemes": ["w4a8", "w4a4"]}}, base))
-    real_quantize, calls = quantizers.stage.run_quantize, []
+    real_quantize, calls = rotaq.quantizers.stage.run_quantize, []
 
     def interrupt_second(options: Any) -> Path:
         calls.append(options.scheme)
@@ -158,7 +158,7 @@ def test_interrupted_sweep_keeps_its_tables_and_resumes(tmp_path: Path, tiny_hf_
             raise KeyboardInterrupt
         return real_quantize(options)
 
-    monkeypatch.setattr(quantizers.stage, "run_quantize", interrupt_second)
+    monkeypatch.setattr(rotaq.quantizers.stage, "run_quantize", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, tmp_path / "sweep", show_stage_progress=False)
     record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -174,20 +174,20 @@ def test_interrupted_sweep_keeps_its_tables_and_resumes(tmp_path: Path, tiny_hf_
 
 def test_a_failed_variant_is_recorded_and_the_others_run(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantizers.stage
-    from pipeline.errors import RotaqError
+    import rotaq.quantizers.stage
+    from rotaq.pipeline.errors import RotaqError
 
     base = tiny_settings(tiny_hf_folder, tiny_text_file, finetune__enabled=False, outliers__enabled=False,
                          rotate__enabled=False)
     path = write_sweep(tmp_path, {"grid": {"quantize.schemes": ["w4a8", "w4a4"]}}, base)
-    real_quantize = quantizers.stage.run_quantize
+    real_quantize = rotaq.quantizers.stage.run_quantize
 
     def refuse_w4a8(options: Any) -> Path:
         if options.scheme == "w4a8":
             raise RotaqError("simulated: no room left on device")
         return real_quantize(options)
 
-    monkeypatch.setattr(quantizers.stage, "run_quantize", refuse_w4a8)
+    monkeypatch.setattr(rotaq.quantizers.stage, "run_quantize", refuse_w4a8)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["sweep", str(path), "--out", str(tmp_path / "sweep")]) == 1

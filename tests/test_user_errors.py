@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from rotaq.pipeline.cli import main
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_with_exit_2_and_writes_nothing(
 
 def test_an_error_through_the_real_entry_point_has_no_traceback(tmp_path: Path, tiny_hf_folder: Path) -> None:
     argv = _truncated_weights(tmp_path, tiny_hf_folder, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "rotaq.pipeline.cli", *argv], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.strip().startswith("rotaq: error:")
@@ -169,7 +169,7 @@ def test_disk_full_while_the_tokenizer_is_written_keeps_the_previous_folder(
 
 def test_disk_full_while_run_json_is_written(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.atomic.os.fsync", _disk_full)
+    monkeypatch.setattr("rotaq.pipeline.atomic.os.fsync", _disk_full)
     assert main(_run_config(tmp_path, tiny_hf_folder, str(tiny_text_file))) == 2
     line = assert_one_line_error(capsys, "disk full while writing")
     assert "run.json" in line
@@ -181,21 +181,21 @@ def test_an_unwritable_path_is_one_line(tmp_path: Path, tiny_hf_folder: Path, ca
     def denied(path: object, *args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr("pipeline.atomic.os.replace", denied)
+    monkeypatch.setattr("rotaq.pipeline.atomic.os.replace", denied)
     assert main(["init", "--out", str(tmp_path / "rotaq.yaml")]) == 2
     assert_one_line_error(capsys, "Permission denied")
 
 
 def test_an_unreachable_hub_fails_at_once_without_retry_lines(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.loading._hub_reachable", lambda: False)
+    monkeypatch.setattr("rotaq.pipeline.loading._hub_reachable", lambda: False)
     assert main(["rotate", "--model", "someorg/somemodel", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "hub is unreachable" in err and "Retrying" not in err and "(offline?" not in err
 
 
 def test_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
-    from pipeline.atomic import atomic_write
+    from rotaq.pipeline.atomic import atomic_write
 
     previous = os.umask(0o022)
     try:

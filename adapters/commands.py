@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rotaq.adapters.config import ADAPTER_TYPES
-from rotaq.adapters.lor2c import LOR2C_TYPES
-from rotaq.pipeline.errors import RotaqError
+from rotaq.adapters.finetune import FinetuneOptions
+from rotaq.adapters.merge_stage import MergeOptions
 from rotaq.pipeline.cli_args import add_model_argument
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.options import add_option_flags, options_from_args
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -18,21 +19,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise RotaqError("rotaq finetune needs --out (or --dry-run to print parameter counts only)")
     from accelerate import PartialState
 
-    from rotaq.adapters.finetune import FinetuneOptions, run_finetune
-    from rotaq.adapters.train import TrainConfig
+    from rotaq.adapters.finetune import run_finetune
     from rotaq.pipeline.artifacts import read_manifest
 
-    training = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                           warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
-                           gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    out = run_finetune(FinetuneOptions(
-        model=args.model, out=Path(args.out), adapter=args.adapter, targets=args.targets, rank=args.rank,
-        alpha=args.alpha, dropout=args.dropout, pre_num=args.pre_num, qat=args.qat,
-        qat_act_clip_ratio=args.qat_act_clip_ratio, lor2c_changes=args.lor2c_changes,
-        lor2c_interval=args.lor2c_interval, lor2c_score=args.lor2c_score, lor2c_top_k=args.lor2c_top_k,
-        training=training, data=args.data,
-        seq_len=args.seq_len, eval_tokens=args.eval_tokens, resume=args.resume,
-        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None))
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    out = run_finetune(options_from_args(FinetuneOptions, args, model=args.model, out=Path(args.out), data=args.data,
+                                         seq_len=args.seq_len, resume=args.resume, checkpoint_dir=checkpoints))
     if PartialState().is_main_process:
         summary = read_manifest(out)["adapters"]["training"]
         print(f"adapters written to {out}: final loss {summary['final_loss']:.4f}, eval perplexity "
@@ -57,11 +49,10 @@ def _print_parameter_counts(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from rotaq.adapters.merge_stage import MergeOptions, run_merge
+    from rotaq.adapters.merge_stage import run_merge
 
-    out, section = run_merge(MergeOptions(model=args.model, out=Path(args.out), method=args.method, data=args.data,
-                                          seq_len=args.seq_len, eval_tokens=args.eval_tokens,
-                                          calibration_tokens=args.calibration_tokens, ridge=args.ridge))
+    out, section = run_merge(options_from_args(MergeOptions, args, model=args.model, out=Path(args.out),
+                                               data=args.data, seq_len=args.seq_len))
     error = section["error"]
     print(f"merged {section['adapter_type']} ({section['method']}) into {out}: perplexity "
           f"{error['perplexity_adapted']:.4f} (adapted) → {error['perplexity_merged']:.4f} (merged), "
@@ -76,53 +67,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     finetune.add_argument("--dry-run", action="store_true",
                           help="print the trainable parameters of every adapter type (LoRA, ResLoRA, LoR2C variants) "
                                "at --rank, and exit")
-    finetune.add_argument("--adapter", default="lora",
-                          help=f"one of {', '.join(ADAPTER_TYPES + LOR2C_TYPES)} (default lora)")
-    finetune.add_argument("--rank", type=int, default=8)
-    finetune.add_argument("--alpha", type=float, default=16.0, help="scaling s = alpha / rank (default 16)")
-    finetune.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
-    finetune.add_argument("--pre-num", type=int, default=None,
-                          help="earlier blocks a reslora-bs/ms shortcut reaches (default 2)")
-    finetune.add_argument("--targets", default=None,
-                          help="comma-separated projections, e.g. q_proj,v_proj (default: all seven)")
-    finetune.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    finetune.add_argument("--lr", type=float, default=2e-4)
-    finetune.add_argument("--batch-size", type=int, default=4, help="windows per process per micro-batch")
-    finetune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    finetune.add_argument("--warmup", type=int, default=10, help="linear warmup steps before the cosine decay")
+    add_option_flags(finetune, FinetuneOptions)
     finetune.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
     finetune.add_argument("--data", default=None, help="training text, as for `rotaq eval` (default: Shakespeare)")
-    finetune.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval (0: start and end)")
-    finetune.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per evaluation")
-    finetune.add_argument("--save-every", type=int, default=50, help="checkpoint interval (0: at the end only)")
     finetune.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.checkpoints)")
-    finetune.add_argument("--qat", default=None, metavar="SCHEME",
-                          help="quantization-aware training for a scheme such as w4a4 or w4a16-g128")
-    finetune.add_argument("--qat-act-clip-ratio", type=float, default=None, metavar="R",
-                          help="with --qat: clip per-token activations as `rotaq quantize --act-clip-ratio R` will")
-    finetune.add_argument("--lor2c-changes", type=int, default=None, metavar="N",
-                          help="merge-lor2c: path merges; inject-lor2c: LoRA injections (default 4 and 2)")
-    finetune.add_argument("--lor2c-interval", type=int, default=None, metavar="STEPS",
-                          help="steps between merges / injections (default: spread evenly over training)")
-    finetune.add_argument("--lor2c-score", default="top-share", choices=("top-share", "mean"),
-                          help="path score from the singular values of s·B·A: share of the top-k, or their mean")
-    finetune.add_argument("--lor2c-top-k", type=int, default=1,
-                          help="singular values counted by --lor2c-score top-share")
-    finetune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint (refused if the settings differ)")
-    finetune.add_argument("--seed", type=int, default=0)
     finetune.set_defaults(handler=_cmd_finetune)
 
     merge = commands.add_parser("merge", help="stage 3: fold the adapters into plain weights and measure the error")
     merge.add_argument("--model", required=True, help="finetune stage folder")
     merge.add_argument("--out", required=True, help="output folder (written atomically)")
-    merge.add_argument("--method", default="lstsq",
-                       help="lstsq or paper: how reslora-is/ms shortcuts merge (lora, reslora-bs: always exact)")
+    add_option_flags(merge, MergeOptions)
     merge.add_argument("--data", default=None, help="text for calibration and evaluation (default: the training text)")
     merge.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the training length)")
-    merge.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the merge error")
-    merge.add_argument("--calibration-tokens", type=int, default=8192, help="calibration tokens for --method lstsq")
-    merge.add_argument("--ridge", type=float, default=None,
-                       help="lstsq ridge relative to the mean input energy (default: best of 1e-3…1 by KL)")
     merge.set_defaults(handler=_cmd_merge)

@@ -19,15 +19,17 @@ import torch
 from safetensors.torch import save_file
 
 from rotaq.adapters.checkpoint import CheckpointFolder
-from rotaq.adapters.config import AdapterConfig, default_pre_num, resolve_targets
+from rotaq.adapters.config import ADAPTER_TYPES, AdapterConfig, default_pre_num, resolve_targets
 from rotaq.adapters.input_norms import NORM_BATCHES
-from rotaq.adapters.lor2c import LOR2C_TYPES, Lor2cConfig, install_lor2c, lor2c_paths
+from rotaq.adapters.lor2c import LOR2C_TYPES, SCORE_METHODS, Lor2cConfig, install_lor2c, lor2c_paths
 from rotaq.adapters.structure import adapter_state_dict, install_adapters
 from rotaq.adapters.train import TrainConfig, TrainResult, train_adapters
 from rotaq.pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.loading import LoadedModel, load_model
+from rotaq.pipeline.options import setting
+from rotaq.quantizers.schemes import clip_ratio_problem, scheme_problem
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +37,38 @@ ADAPTERS_FILE = "adapters.safetensors"
 TRAINING_LOG_FILE = "training_log.json"
 
 
+def dropout_problem(dropout: float) -> str | None:
+    return None if 0.0 <= dropout < 1.0 else f"must be in [0, 1), got {dropout}"
+
+
 @dataclass(frozen=True)
 class FinetuneOptions:
     model: str | None
     out: Path
-    adapter: str = "lora"
-    targets: str | None = None  # comma-separated; None: all seven projections
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    pre_num: int | None = None  # None: the type's default
-    qat: str | None = None
-    qat_act_clip_ratio: float | None = None  # as the quantize stage's --act-clip-ratio
-    lor2c_changes: int | None = None  # merges / injections of merge-lor2c / inject-lor2c (None: the default)
-    lor2c_interval: int | None = None  # steps between them (None: spread evenly)
-    lor2c_score: str = "top-share"
-    lor2c_top_k: int = 1
+    adapter: str = setting("lora", "lora, reslora-is/bs/ms, or a LoR2C type: lor2c, share-lor2c, merge-lor2c, "
+                                   "inject-lor2c", choices=lambda: ADAPTER_TYPES + LOR2C_TYPES)
+    targets: str | None = setting(None, "comma-separated projections, e.g. q_proj,v_proj (null: all seven)")
+    rank: int = setting(8, "adapter rank", minimum=1)
+    alpha: float = setting(16.0, "scaling s = alpha / rank")
+    dropout: float = setting(0.0, "dropout on the adapter input, in [0, 1)", check=dropout_problem)
+    pre_num: int | None = setting(None, "earlier blocks a reslora-bs/ms shortcut reaches (null: the type's default)",
+                                  minimum=1)
+    qat: str | None = setting(None, "train for a quantized deployment, e.g. w4a4 (null: plain float training)",
+                              check=scheme_problem)
+    # `rotaq run` sets it from quantize.act_clip_ratio, so what is trained is what is deployed.
+    qat_act_clip_ratio: float | None = setting(None, "with qat: clip per-token activations as the quantize stage's "
+                                                     "act_clip_ratio will", check=clip_ratio_problem)
+    lor2c_changes: int | None = setting(None, "merge-lor2c merges / inject-lor2c injections (null: 4 / 2)",
+                                        minimum=0)
+    lor2c_interval: int | None = setting(None, "steps between LoR2C merges / injections (null: spread evenly)",
+                                         minimum=1)
+    lor2c_score: str = setting("top-share", "LoR2C path score from the singular values of s·B·A: top-share (share "
+                                            "of the top-k) or mean", choices=lambda: SCORE_METHODS)
+    lor2c_top_k: int = setting(1, "singular values counted by the top-share score", minimum=1)
     training: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None
     seq_len: int = 256
-    eval_tokens: int = 4096
+    eval_tokens: int = setting(4096, "held-out tokens scored before and after training", minimum=2)
     resume: bool = False
     checkpoint_dir: Path | None = None  # default: <out>.checkpoints
     progress: bool = True

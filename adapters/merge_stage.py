@@ -24,6 +24,7 @@ from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, wri
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.loading import LoadedModel, load_model
+from rotaq.pipeline.options import setting
 
 MERGE_METHODS = ("lstsq", "paper")
 # λ / mean(diag Σ x xᵀ) tried by the lstsq merge; a larger ridge makes the fitted map less sensitive to the
@@ -40,14 +41,17 @@ PAPER_CANDIDATE = "paper"  # the paper's norm-ratio maps compete too, so lstsq i
 class MergeOptions:
     model: str
     out: Path
-    method: str = "lstsq"  # for reslora-is/ms; lora and reslora-bs always merge exactly
+    method: str = setting("lstsq", "lstsq or paper: how reslora-is/ms shortcuts are merged (others merge exactly)",
+                          choices=lambda: MERGE_METHODS)
     data: str | None = None  # default: the data the adapters were trained on
     seq_len: int | None = None  # default: the training window length
-    eval_tokens: int = 4096
-    calibration_tokens: int = 8192
-    ridge: float | None = None  # None: the candidate with the lowest KL on calibration windows
-    batch_size: int = 4
-    memory_budget_mb: int = 512  # float32 Σ x xᵀ sums held at once; more layers → more calibration passes
+    eval_tokens: int = setting(4096, "held-out tokens for the merge error", minimum=2)
+    calibration_tokens: int = setting(8192, "calibration tokens for the lstsq merge", minimum=2)
+    ridge: float | None = setting(None, "lstsq ridge relative to the mean input energy (null: the best of 1e-3…1 "
+                                        "by KL on held-out calibration windows)", minimum=0)
+    batch_size: int = setting(4, "windows per forward pass of the calibration and the merge error", minimum=1)
+    memory_budget_mb: int = setting(512, "MiB of float32 input sums held at once by the lstsq merge (more layers: "
+                                         "more calibration passes)", minimum=1)
 
     def __post_init__(self) -> None:
         if self.method not in MERGE_METHODS:

@@ -26,22 +26,25 @@ from rotaq.adapters.lor2c import Lor2cPaths, lor2c_paths
 from rotaq.adapters.structure import adapter_state_dict, installed_adapters, mark_only_adapters_trainable
 from rotaq.eval.metrics import evaluate
 from rotaq.pipeline.errors import NonFiniteError, RotaqError
+from rotaq.pipeline.options import setting
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100
-    lr: float = 2e-4
-    batch_size: int = 4  # windows per process per micro-batch
-    grad_accum: int = 1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 50  # 0: only before and after training
-    save_every: int = 50  # 0: only at the end
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    eval_batch_size: int = 4
+    steps: int = setting(100, "optimizer steps", minimum=1)
+    lr: float = setting(2e-4, "peak learning rate")
+    batch_size: int = setting(4, "windows per process per micro-batch", minimum=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", minimum=1)
+    warmup: int = setting(10, "linear warmup steps before the cosine decay", minimum=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay on the adapter parameters", minimum=0)
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping threshold")
+    eval_every: int = setting(50, "held-out evaluation interval in steps (0: before and after training only)",
+                              minimum=0)
+    save_every: int = setting(50, "checkpoint interval in steps (0: at the end only; an interrupted run resumes "
+                                  "from the last one)", minimum=0)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    seed: int = setting(0, "seed of the adapter init and the data order")
+    eval_batch_size: int = setting(4, "windows per forward pass of the held-out evaluation", minimum=1)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):

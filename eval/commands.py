@@ -16,6 +16,7 @@ from rotaq.pipeline.cli_args import add_data_arguments, add_model_argument, data
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.loading import LoadedModel, load_model
+from rotaq.pipeline.options import add_option_flags, options_from_args, setting
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class EvalOptions:
     model: str | None
     data: DataSpec = DataSpec()
     reference: str | None = None
-    batch_size: int = 4
+    batch_size: int = setting(4, "windows per forward pass", minimum=1)
     progress: bool = True
 
 
@@ -76,8 +77,8 @@ def run_outliers(options: OutlierOptions) -> dict[str, Any]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    result = run_eval(EvalOptions(model=args.model, data=data_spec(args), reference=args.reference,
-                                  batch_size=args.batch_size, progress=not args.json))
+    result = run_eval(options_from_args(EvalOptions, args, model=args.model, data=data_spec(args),
+                                        reference=args.reference, progress=not args.json))
     if args.json:
         print_json(result)
     else:
@@ -118,7 +119,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_argument(evaluate)
     add_data_arguments(evaluate, max_tokens=None)
     evaluate.add_argument("--reference", default=None, help="model to compare next-token distributions against")
-    evaluate.add_argument("--batch-size", type=int, default=4)
+    add_option_flags(evaluate, EvalOptions)
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.add_argument("--out", default=None, help="also write the JSON result to this file")
     evaluate.set_defaults(handler=_cmd_eval)

@@ -30,6 +30,7 @@ from rotaq.export.runtime import CPU, CUDA
 from rotaq.pipeline.atomic import atomic_write, write_json_atomic
 from rotaq.pipeline.data import DataSpec
 from rotaq.pipeline.errors import ArtifactError, RotaqError
+from rotaq.pipeline.options import setting
 
 BENCH_FILE = "bench.json"  # rotaq.pipeline.stage_registry.BENCH_FILE: a JSON list of rows
 META_FILE = "bench_meta.json"
@@ -45,18 +46,21 @@ class BenchOptions:
     models: tuple[str, ...]
     out: Path
     reference: str | None = None  # a float32 export; found among `models` or exported from their float parent
-    prompt_lengths: tuple[int, ...] = (128, 512)
-    cached_tokens: int = 256
-    decode_tokens: int = 64
-    threads: int | None = None
-    repeats: int = 5
-    warmup: int = 1
-    prefill_calls: int = 3  # a prefill sample is the best of this many calls (see bench_worker.serve)
-    eager: bool = True
-    cuda: bool = True  # also time on CUDA when onnxruntime-gpu and a GPU are present
+    prompt_lengths: tuple[int, ...] = setting((128, 512), "prompt lengths whose prefill time is measured", minimum=1)
+    cached_tokens: int = setting(256, "KV cache length before decoding", minimum=1)
+    decode_tokens: int = setting(64, "tokens generated to measure decode speed", minimum=1)
+    threads: int | None = setting(None, "ONNX Runtime intra-op threads (null: all cores)", minimum=1)
+    repeats: int = setting(5, "interleaved timing rounds per model (medians are reported)", minimum=1)
+    warmup: int = setting(1, "untimed rounds first", minimum=0)
+    # a prefill sample is the best of this many calls (see bench_worker.serve)
+    prefill_calls: int = setting(3, "calls per prefill sample (the best one counts)", minimum=1)
+    eager: bool = setting(True, "also time PyTorch eager float32")
+    cuda: bool = setting(True, "also time on CUDA when onnxruntime-gpu and a GPU are present")
     evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
-    perplexity: bool = True
-    peers: tuple[str, ...] = ()  # "genai": onnxruntime-genai's builder graphs (int4, int8) of the same float model
+    perplexity: bool = setting(True, "measure the graphs' perplexity on held-out text")
+    peers: tuple[str, ...] = setting((), "also build and time onnxruntime-genai's int4/int8 builder graphs of the "
+                                     "source model in the same bench: genai (needs the 'peer' extra)",
+                                     choices=lambda: PEERS, flag="--peer", old_names=("peer",))
     progress: bool = True
     extra_fields: dict[str, Any] = field(default_factory=dict)
 

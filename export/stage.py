@@ -25,6 +25,7 @@ from rotaq.export.runtime import OnnxDecoder
 from rotaq.export.side_path_cost import profiled_share, side_path_flops
 from rotaq.pipeline.artifacts import OUTPUT_MARKER, file_records, package_versions, refuse_output_over_input, staged_folder
 from rotaq.pipeline.loading import LoadedModel, load_model
+from rotaq.pipeline.options import setting
 
 # Marks an export folder as rotaq's own, so a later export may replace it (see `staged_folder`).
 
@@ -33,9 +34,9 @@ from rotaq.pipeline.loading import LoadedModel, load_model
 class ExportOptions:
     model: str | None
     out: Path
-    check_tokens: int = 32
-    decode_steps: int = 4
-    seed: int = 0
+    check_tokens: int = setting(32, "tokens per sequence of the export's logit checks", minimum=2)
+    decode_steps: int = setting(4, "cached decode steps checked against prefill", minimum=1)
+    seed: int = setting(0, "seed of the check sequences")
 
 
 def check_token_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, is_dataclass
@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 from rotaq.pipeline.errors import RotaqError
-from rotaq.pipeline.run_config import KeyDoc, RunConfig, key_doc
+from rotaq.pipeline.options import is_setting, key_doc, value_problem, without_none
+from rotaq.pipeline.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -149,6 +152,27 @@ def suggest_key(unknown: str, valid: Sequence[str]) -> str | None:
     return None
 
 
+def _renamed_keys(raw: Mapping[str, Any], declared: Mapping[str, Any], prefix: str,
+                  problems: list[str]) -> Mapping[str, Any]:
+    """`raw` with keys under an earlier name (`rotate.kind`) read as today's (`rotate.rotation`), each once noted."""
+    renamed = {old: name for name, item in declared.items() if is_setting(item) for old in key_doc(item).old_names}
+    if not renamed.keys() & raw.keys():
+        return raw
+    current: dict[str, Any] = {}
+    for name, value in raw.items():
+        new = renamed.get(name)
+        if new is None:
+            current[name] = value
+        elif new in raw:
+            problems.append(f"{prefix}{name}: an earlier name of {prefix}{new}, which is also given; keep only "
+                            f"{prefix}{new}")
+        else:
+            logger.warning("rotaq: note: %s%s is now called %s%s; it was read as that (rename it to silence this)",
+                           prefix, name, prefix, new)
+            current[new] = value
+    return current
+
+
 def _build_section(section_class: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if raw is None:  # a section whose keys are all commented out
         raw = {}
@@ -157,6 +181,7 @@ def _build_section(section_class: type, raw: Any, prefix: str, problems: list[st
         return section_class()
     hints = typing.get_type_hints(section_class)
     declared = {item.name: item for item in fields(section_class)}
+    raw = _renamed_keys(raw, declared, prefix, problems)
     for name in raw:
         if name not in declared:
             suggestion = suggest_key(f"{prefix}{name}", key_paths(sections=True))
@@ -172,7 +197,8 @@ def _build_section(section_class: type, raw: Any, prefix: str, problems: list[st
             continue
         try:
             value = _convert(raw[name], hints[name], key)
-            _check_constraints(value, key_doc(item), key)
+            if (problem := value_problem(value, key_doc(item))) is not None:
+                raise _InvalidValue(key, problem)
         except _InvalidValue as exc:
             problems.append(str(exc))
             continue
@@ -182,10 +208,12 @@ def _build_section(section_class: type, raw: Any, prefix: str, problems: list[st
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """The value as the annotated type (`X | None`, `tuple[X, ...]`, bool, int, float, str), or _InvalidValue."""
-    optional, annotation = _without_none(annotation)
+    optional, annotation = without_none(annotation)
     if value is None:
         if optional:
             return None
+        if typing.get_origin(annotation) is tuple:  # null for a list: an empty one
+            return ()
         raise _InvalidValue(key, f"expected {_describe(annotation)}, got null")
     if typing.get_origin(annotation) is tuple:
         item_type = typing.get_args(annotation)[0]
@@ -207,36 +235,6 @@ def _convert_scalar(value: Any, expected: type, key: str) -> Any:
             if math.isfinite(number := float(value)):
                 return number
     raise _InvalidValue(key, f"expected {_TYPE_NAMES[expected]}, got {value!r} ({_yaml_type(value)})")
-
-
-def _check_constraints(value: Any, doc: KeyDoc, key: str) -> None:
-    if value is None:
-        return
-    items = value if isinstance(value, tuple) else (value,)
-    choices = _allowed_values(doc)
-    for item in items:
-        if choices is not None and item not in choices:
-            raise _InvalidValue(key, f"{item!r} is not one of {', '.join(choices)}")
-        if doc.minimum is not None and item < doc.minimum:
-            raise _InvalidValue(key, f"must be at least {doc.minimum:g}, got {item}")
-    if doc.check is not None and (problem := doc.check(value)):
-        raise _InvalidValue(key, problem)
-
-
-def _allowed_values(doc: KeyDoc) -> Sequence[str] | None:
-    if doc.choices is None:
-        return None
-    try:
-        return doc.choices()
-    except ImportError:  # the owning stage is not in this codebase: the run reports it as not available
-        return None
-
-
-def _without_none(annotation: Any) -> tuple[bool, Any]:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return len(members) < len(typing.get_args(annotation)), members[0]
-    return False, annotation
 
 
 def _describe(annotation: Any) -> str:

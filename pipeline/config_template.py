@@ -11,9 +11,8 @@ import typing
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-import yaml
-
-from rotaq.pipeline.run_config import RunConfig, key_doc
+from rotaq.pipeline.options import key_doc, yaml_value
+from rotaq.pipeline.run_config import RunConfig
 
 COMMENT_WIDTH = 100
 
@@ -38,12 +37,6 @@ def describe_keys() -> str:
         lines.append(f"  {path} ({yaml_value(default)})")
         lines += textwrap.wrap(doc, COMMENT_WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
-
-
-def yaml_value(value: Any) -> str:
-    """One value in YAML flow style, as it would be typed in the file or after --set."""
-    plain = list(value) if isinstance(value, tuple) else value
-    return yaml.safe_dump([plain], default_flow_style=True, width=10**6).strip()[1:-1]
 
 
 def _section_lines(section: Any, indent: str) -> list[str]:

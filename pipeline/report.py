@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rotaq.pipeline.atomic import atomic_write
-from rotaq.pipeline.config_template import yaml_value
+from rotaq.pipeline.options import yaml_value
 from rotaq.eval.labels import label
 from rotaq.pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
 from rotaq.pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point

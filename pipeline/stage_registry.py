@@ -22,6 +22,7 @@ from rotaq.pipeline.artifacts import MANIFEST_NAME, verify_files
 from rotaq.pipeline.atomic import write_json_atomic
 from rotaq.pipeline.data import DataSpec
 from rotaq.pipeline.errors import ArtifactError
+from rotaq.pipeline.options import build_options
 from rotaq.pipeline.run_config import RunConfig
 from rotaq.pipeline.report import REPORT_HTML
 from rotaq.pipeline.run_results import RESULTS_FILE, model_labels
@@ -108,9 +109,7 @@ def _rotate_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _rotate(api: ModuleType, call: StageCall) -> None:
-    options = call.options
-    api.run_rotate(api.RotateOptions(model=call.inputs["model"], out=call.output, rotation=options["kind"],
-                                     seed=options["seed"], online=options["online"]))
+    api.run_rotate(build_options(api.RotateOptions, call.options, model=call.inputs["model"], out=call.output))
 
 
 def _finetune_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
@@ -121,19 +120,10 @@ def _finetune_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _finetune(api: ModuleType, call: StageCall) -> None:
-    options = call.options
-    training = api.TrainConfig(steps=options["steps"], lr=options["lr"], batch_size=options["batch_size"],
-                               grad_accum=options["grad_accum"], warmup=options["warmup"], eval_every=0,
-                               save_every=options["save_every"],
-                               gradient_checkpointing=options["gradient_checkpointing"], seed=options["seed"])
-    api.run_finetune(api.FinetuneOptions(
-        model=call.inputs["model"], out=call.output, adapter=options["adapter"], targets=options["targets"],
-        rank=options["rank"], alpha=options["alpha"], dropout=options["dropout"], pre_num=options["pre_num"],
-        qat=options["qat"], qat_act_clip_ratio=options["qat_act_clip_ratio"], lor2c_changes=options["lor2c_changes"],
-        lor2c_interval=options["lor2c_interval"], lor2c_score=options["lor2c_score"], training=training,
-        data=options["data"], seq_len=options["seq_len"],
-        eval_tokens=options["eval_tokens"], resume=True, checkpoint_dir=call.scratch,
-        progress=call.show_progress))
+    options = dict(call.options)
+    wiring = {name: options.pop(name) for name in ("data", "seq_len")}
+    api.run_finetune(build_options(api.FinetuneOptions, options, model=call.inputs["model"], out=call.output,
+                                   resume=True, checkpoint_dir=call.scratch, progress=call.show_progress, **wiring))
 
 
 def _merge_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
@@ -141,42 +131,45 @@ def _merge_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _merge(api: ModuleType, call: StageCall) -> None:
-    options = call.options
-    api.run_merge(api.MergeOptions(model=call.inputs["model"], out=call.output, method=options["method"],
-                                   data=options["data"], seq_len=options["seq_len"],
-                                   eval_tokens=options["eval_tokens"],
-                                   calibration_tokens=options["calibration_tokens"]))
+    options = dict(call.options)
+    wiring = {name: options.pop(name) for name in ("data", "seq_len")}
+    api.run_merge(build_options(api.MergeOptions, options, model=call.inputs["model"], out=call.output, **wiring))
+
+
+GPTQ_ONLY = ("act_order",)
+"""Quantize settings only GPTQ reads: with RTN they stay out of the key, so changing them reruns nothing."""
 
 
 def _quantize_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
-    quantize = config.quantize
-    gptq = {"act_order": quantize.act_order, "calibration_tokens": quantize.calibration_tokens,
+    quantize = _section_options(config.quantize)
+    del quantize["schemes"]
+    gptq = {**{name: quantize.pop(name) for name in GPTQ_ONLY}, "calibration_tokens": quantize.pop("calibration_tokens"),
             "data": config.data, "seq_len": config.seq_len}
-    clipped = parse_scheme(branch).clips_activations_by_default
-    return {"scheme": branch, "weights": quantize.weights, "group": quantize.group,
-            "act_clip_ratio": quantize.act_clip_ratio if clipped else None,
-            # RTN reads no data: calibration settings must not invalidate it
-            "gptq": gptq if quantize.weights == "gptq" else None}
+    if not parse_scheme(branch).clips_activations_by_default:
+        quantize["act_clip_ratio"] = None
+    # RTN reads no data: calibration settings must not invalidate it
+    return {"scheme": branch, **quantize, "gptq": gptq if config.quantize.weights == "gptq" else None}
 
 
 def _quantize(api: ModuleType, call: StageCall) -> None:
-    options, gptq = call.options, call.options["gptq"]
-    calibration = {} if gptq is None else {
-        "act_order": gptq["act_order"],
-        "calibration": DataSpec(gptq["data"], gptq["seq_len"], gptq["calibration_tokens"])}
-    api.run_quantize(api.QuantizeOptions(
-        model=call.inputs["model"], out=call.output, scheme=options["scheme"], weights=options["weights"],
-        group=options["group"], act_clip_ratio=options["act_clip_ratio"], progress=call.show_progress,
-        **calibration))
+    options = dict(call.options)
+    gptq = options.pop("gptq")
+    wiring = {}
+    if gptq is not None:
+        options.update({name: gptq[name] for name in GPTQ_ONLY})
+        wiring["calibration"] = DataSpec(gptq["data"], gptq["seq_len"], gptq["calibration_tokens"])
+    api.run_quantize(build_options(api.QuantizeOptions, options, model=call.inputs["model"], out=call.output,
+                                   progress=call.show_progress, **wiring))
 
 
 def _export_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
-    return {"check_tokens": config.export.check_tokens}
+    options = _section_options(config.export)
+    del options["float_baseline"]  # which branches are exported, not how
+    return options
 
 
 def _export(api: ModuleType, call: StageCall) -> None:
-    api.run_export(api.ExportOptions(model=call.inputs["model"], out=call.output,
-                                     check_tokens=call.options["check_tokens"]))
+    api.run_export(build_options(api.ExportOptions, call.options, model=call.inputs["model"], out=call.output))
 
 
 def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
@@ -186,15 +179,10 @@ def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _bench(api: ModuleType, call: StageCall) -> None:
-    options = call.options
-    evaluation = DataSpec(options["data"], options["seq_len"], options["eval_tokens"])
-    api.run_bench(api.BenchOptions(models=tuple(call.inputs.values()), out=call.output,
-                                   reference=call.inputs.get("model-float"),
-                                   prompt_lengths=tuple(options["prompt_lengths"]),
-                                   decode_tokens=options["decode_tokens"], threads=options["threads"],
-                                   repeats=options["repeats"], eager=options["eager"],
-                                   peers=(options["peer"],) if options["peer"] else (),
-                                   evaluation=evaluation, progress=False))
+    options = dict(call.options)
+    evaluation = DataSpec(options.pop("data"), options.pop("seq_len"), options.pop("eval_tokens"))
+    api.run_bench(build_options(api.BenchOptions, options, models=tuple(call.inputs.values()), out=call.output,
+                                reference=call.inputs.get("model-float"), evaluation=evaluation, progress=False))
 
 
 def _outliers_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
@@ -213,10 +201,10 @@ def _evaluate_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _evaluate(api: ModuleType, call: StageCall) -> None:
-    options = call.options
-    result = api.run_eval(api.EvalOptions(
-        model=call.inputs["model"], data=DataSpec(options["data"], options["seq_len"], options["max_tokens"]),
-        reference=call.inputs.get("reference"), batch_size=options["batch_size"], progress=call.show_progress))
+    options = dict(call.options)
+    data = DataSpec(options.pop("data"), options.pop("seq_len"), options.pop("max_tokens"))
+    result = api.run_eval(build_options(api.EvalOptions, options, model=call.inputs["model"], data=data,
+                                        reference=call.inputs.get("reference"), progress=call.show_progress))
     write_json_atomic(call.output, {**result, **model_labels(call.inputs["model"])})
 
 

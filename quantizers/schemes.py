@@ -109,6 +109,21 @@ def parse_scheme(name: str) -> QuantScheme:
                        act_block_size=DEFAULT_ACT_BLOCK.get(base))
 
 
+def scheme_problem(name: str | None) -> str | None:
+    """Why `name` is no scheme (the message `parse_scheme` would raise), or None: for option validation."""
+    if name is None:
+        return None
+    try:
+        parse_scheme(name)
+    except RotaqError as exc:
+        return str(exc)
+    return None
+
+
+def clip_ratio_problem(ratio: float | None) -> str | None:
+    return None if ratio is None or 0.0 < ratio <= 1.0 else f"must be in (0, 1], got {ratio}"
+
+
 def validate_group(group: int | None, width: int, layer_name: str, allow_ragged: bool = False) -> None:
     """Fail early, naming the layer, when a group size does not tile the layer's input width
     (unless a shorter last group is allowed)."""

@@ -20,9 +20,10 @@ from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, wri
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.loading import load_model
-from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+from rotaq.pipeline.options import setting
+from rotaq.quantizers.quantize_model import WEIGHT_METHODS, QuantizeSettings, quantize_model
 from rotaq.quantizers.rtn import QuantizedWeight
-from rotaq.quantizers.schemes import QuantScheme, parse_scheme
+from rotaq.quantizers.schemes import QuantScheme, clip_ratio_problem, parse_scheme, scheme_problem
 
 logger = logging.getLogger(__name__)
 CODES_NAME = "quantized.safetensors"
@@ -33,14 +34,23 @@ DEFAULT_CALIBRATION = DataSpec(seq_len=512, max_tokens=32 * 512)
 class QuantizeOptions:
     model: str | None
     out: Path
-    scheme: str = "w4a4"
-    weights: str = "gptq"
-    group: int | None = None
-    act_clip_ratio: float | None = None
-    ragged_groups: bool = False
-    act_block_size: int | None = None  # None: the scheme's default; 0: per token
-    kv_bits: int | None = None  # KV-cache fake quantization (k_proj / v_proj outputs), 4 or 8 bits
-    act_order: bool = True
+    scheme: str = setting("w4a4", "w8a8, w4a8, w4a4, w4a16, each with an optional group: w4a16-g128",
+                          check=scheme_problem)
+    weights: str = setting("gptq", "weight quantizer: rtn or gptq", choices=lambda: WEIGHT_METHODS)
+    group: int | None = setting(None, "weight group size along the input (null: the scheme's)", minimum=1)
+    act_clip_ratio: float | None = setting(
+        None, "clip per-token activation ranges to this fraction of max|x|, in the schemes with per-token "
+              "activations (w4a4; the A8 schemes keep ONNX Runtime's per-block int8); null: no clipping",
+        check=clip_ratio_problem)
+    ragged_groups: bool = setting(False, "allow a shorter last weight group where the group size does not divide a "
+                                         "width (e.g. -g128 on 576: groups of 128 and a last one of 64, as "
+                                         "MatMulNBits pads K)")
+    act_block_size: int | None = setting(None, "int8 activations per block of N along K, as ONNX Runtime's "
+                                               "MatMulNBits accuracy_level 4 computes them (null: the scheme's, "
+                                               "w4a8 32, w8a8 64); 0: per token", minimum=0)
+    kv_bits: int | None = setting(None, "also quantize the KV cache (k_proj/v_proj outputs per token and head, "
+                                        "symmetric) to 4 or 8 bits; null: a float cache", choices=lambda: (4, 8))
+    act_order: bool = setting(True, "GPTQ: visit columns in order of decreasing Hessian diagonal")
     calibration: DataSpec = DEFAULT_CALIBRATION
     progress: bool = True
 

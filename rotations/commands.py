@@ -6,14 +6,15 @@ import argparse
 from pathlib import Path
 
 from rotaq.pipeline.cli_args import add_model_argument
+from rotaq.pipeline.options import add_option_flags, options_from_args
+from rotaq.rotations.stage import RotateOptions
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
     from rotaq.pipeline.artifacts import read_manifest
-    from rotaq.rotations.stage import RotateOptions, run_rotate
+    from rotaq.rotations.stage import run_rotate
 
-    out = run_rotate(RotateOptions(model=args.model, out=Path(args.out), rotation=args.rotation, seed=args.seed,
-                                   online=not args.no_online, check=not args.no_check))
+    out = run_rotate(options_from_args(RotateOptions, args, model=args.model, out=Path(args.out)))
     check = read_manifest(out).get("rotation", {}).get("check")
     detail = f" (logit check: max relative error {check['max_relative_logit_error']:.2e})" if check else ""
     print(f"rotated model written to {out}{detail}")
@@ -24,9 +25,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     rotate = commands.add_parser("rotate", help="stage 1: fold norms and apply function-preserving Hadamard rotations")
     add_model_argument(rotate)
     rotate.add_argument("--out", required=True, help="output folder (written atomically)")
-    rotate.add_argument("--rotation", choices=["hadamard", "random"], default="hadamard",
-                        help="residual rotation: randomized Hadamard, or seeded random orthogonal for widths without one")
-    rotate.add_argument("--seed", type=int, default=0)
-    rotate.add_argument("--no-online", action="store_true", help="skip the online rotations before o_proj/down_proj")
-    rotate.add_argument("--no-check", action="store_true", help="skip the logit check (saves one model copy in memory)")
+    add_option_flags(rotate, RotateOptions)
     rotate.set_defaults(handler=_cmd_rotate)

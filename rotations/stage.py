@@ -12,7 +12,8 @@ import torch
 from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.loading import load_model
-from rotaq.rotations.rotate import RotationConfig, rotate_model
+from rotaq.pipeline.options import setting
+from rotaq.rotations.rotate import ROTATION_KINDS, RotationConfig, rotate_model
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +26,12 @@ MAX_RELATIVE_LOGIT_ERROR = 1e-4
 class RotateOptions:
     model: str | None
     out: Path
-    rotation: str = "hadamard"
-    seed: int = 0
-    online: bool = True
-    check: bool = True
+    rotation: str = setting("hadamard", "hadamard, or random (a seeded orthogonal matrix, for widths with no "
+                                        "Hadamard matrix)", choices=lambda: ROTATION_KINDS, old_names=("kind",))
+    seed: int = setting(0, "seed of the random signs (hadamard) or of the random orthogonal matrix")
+    online: bool = setting(True, "online Hadamard rotations before o_proj and down_proj")
+    check: bool = setting(True, "check that the rotated model's logits match the original's (costs one model copy "
+                                "in memory)")
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

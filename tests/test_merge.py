@@ -104,4 +104,4 @@ def test_unknown_merge_method_is_one_line_error(finetuned: dict[str, Path], tmp_
                                                 capsys: pytest.CaptureFixture) -> None:
     code = main(["merge", "--model", str(finetuned["reslora-is"]), "--method", "svd", "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err
-    assert code == 2 and "unknown merge method 'svd'" in err and err.count("\n") == 1
+    assert code == 2 and "--method: 'svd' is not one of lstsq, paper" in err and err.count("\n") == 1

@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,22 +170,7 @@ def test_stage_missing_from_the_codebase_is_skipped_and_the_lineage_goes_on(
     assert "evaluate-merge" not in [stage.name for stage in plan.stages]
 
 
-@dataclass(frozen=True)
-class FakeBenchOptions:
-    models: tuple[str, ...]
-    out: Path
-    reference: str | None
-    prompt_lengths: tuple[int, ...]
-    decode_tokens: int
-    threads: int | None
-    repeats: int = 5
-    eager: bool = True
-    peers: tuple[str, ...] = ()
-    evaluation: Any = None
-    progress: bool = True
-
-
-def fake_bench(options: FakeBenchOptions) -> None:
+def fake_bench(options: Any) -> None:
     """Stands in for the bench stage: rows in the agreed bench.json format, one per model timed."""
     rows = [{"model": Path(model).name, "runtime": "onnxruntime", "scheme": "float", "prefill_ms_128": 1.25,
              "prefill_ms_512": 4.5, "decode_tokens_per_s": 321.0, "file_mb": 0.75, "peak_rss_mb": 512.0}
@@ -203,10 +187,11 @@ def fake_export(options: Any) -> None:
 def test_export_and_bench_results_reach_the_report(tmp_path: Path, tiny_hf_folder: Path, tiny_text_file: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import rotaq.export.stage
+    from rotaq.export.bench import BenchOptions
 
     monkeypatch.setattr(rotaq.export.stage, "run_export", fake_export)
     monkeypatch.setitem(sys.modules, "rotaq.export.bench",
-                        types.SimpleNamespace(run_bench=fake_bench, BenchOptions=FakeBenchOptions))
+                        types.SimpleNamespace(run_bench=fake_bench, BenchOptions=BenchOptions))
     config = tiny_config(tiny_hf_folder, tiny_text_file, rotate__enabled=False, finetune__enabled=False,
                          quantize__enabled=False, export__enabled=True)
     outcome = run_pipeline(config, tmp_path / "run", show_stage_progress=False)

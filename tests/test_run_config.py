@@ -43,7 +43,7 @@ def test_bad_values_name_the_key() -> None:
                                 "quantize": {"schemes": ["w4a4", "w3a3"], "weights": "awq", "group": 0,
                                              "act_clip_ratio": 1.5}})
     assert [line.split(":")[0].strip() for line in problems] == [
-        "seq_len", "rotate.kind", "quantize.schemes", "quantize.weights", "quantize.group", "quantize.act_clip_ratio"]
+        "seq_len", "rotate.rotation", "quantize.schemes", "quantize.weights", "quantize.group", "quantize.act_clip_ratio"]
     assert "'haar' is not one of hadamard, random" in problems[1]
     assert "w3a3" in problems[2] and "'awq' is not one of rtn, gptq" in problems[3]
 

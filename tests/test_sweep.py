@@ -20,7 +20,8 @@ from rotaq.pipeline.errors import ArtifactError
 from rotaq.pipeline.sweep import plan_sweep, run_sweep
 from rotaq.pipeline.sweep_spec import load_sweep
 from rotaq.pipeline.sweep_table import mark_pareto
-from tests.test_run import FakeBenchOptions, fake_export, tiny_settings
+from rotaq.export.bench import BenchOptions
+from tests.test_run import fake_export, tiny_settings
 
 
 def write_sweep(folder: Path, sweep: dict[str, Any], base: dict[str, Any]) -> Path:
@@ -30,7 +31,7 @@ def write_sweep(folder: Path, sweep: dict[str, Any], base: dict[str, Any]) -> Pa
     return path
 
 
-def fake_bench_by_name(options: FakeBenchOptions) -> None:
+def fake_bench_by_name(options: BenchOptions) -> None:
     """bench.json rows whose speed and size depend on the exported model, so the fronts have something to rank."""
     rows = []
     for model in options.models:
@@ -53,7 +54,7 @@ def fake_export_and_bench(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(rotaq.export.stage, "run_export", fake_export)
     monkeypatch.setitem(sys.modules, "rotaq.export.bench",
-                        types.SimpleNamespace(run_bench=fake_bench_by_name, BenchOptions=FakeBenchOptions))
+                        types.SimpleNamespace(run_bench=fake_bench_by_name, BenchOptions=BenchOptions))
 
 
 def test_grid_and_variants_expand_to_named_validated_configs(tmp_path: Path, tiny_hf_folder: Path,

@@ -1,7 +1,9 @@
 """Fake quantizers for quantization-aware adapter training, with straight-through gradients.
 
-The forward sees exactly what the quantize stage will deploy for the scheme (RTN weight grid, dynamic
-per-token activation grid); the backward treats rounding as the identity, so A and B still learn.
+The forward sees exactly what the quantize stage will deploy for the scheme: both read the decoder layers'
+`LayerQuantSpec` from `rotaq.quantizers.linear.decoder_layer_spec` (RTN weight grid, dynamic activation grid
+per token or per block, the block fitted inside the weight groups as deployed); the backward treats rounding
+as the identity, so A and B still learn.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 from torch import Tensor
 
 from rotaq.quantizers.activations import fake_quantize_activations
+from rotaq.quantizers.linear import LayerQuantSpec, decoder_layer_spec
 from rotaq.quantizers.rtn import fake_quantize_weight
 from rotaq.quantizers.schemes import QuantScheme, parse_scheme, validate_group
 
@@ -25,6 +28,7 @@ class FakeQuantizers:
         if act_clip_ratio is not None and scheme.clips_activations_by_default:
             scheme = dataclasses.replace(scheme, act_clip_ratio=act_clip_ratio)
         self.scheme: QuantScheme = scheme
+        self.spec: LayerQuantSpec = decoder_layer_spec(scheme)
 
     @property
     def name(self) -> str:
@@ -32,16 +36,18 @@ class FakeQuantizers:
 
     def check_layer(self, in_features: int, layer_name: str) -> None:
         """Fail at install time, not mid-training, when the scheme's group size does not tile a layer."""
-        validate_group(self.scheme.weight_group_size, in_features, layer_name)
+        validate_group(self.spec.group_size, in_features, layer_name, self.scheme.ragged_groups)
 
     def weight(self, weight: Tensor) -> Tensor:
         """RTN quantize-dequantize in the forward, identity in the backward."""
-        quantized = fake_quantize_weight(weight.detach(), self.scheme.weight_bits, self.scheme.weight_group_size,
-                                         self.scheme.weight_symmetric, self.scheme.weight_clip_search)
+        spec = self.spec
+        quantized = fake_quantize_weight(weight.detach(), spec.weight_bits, spec.group_size, spec.weight_symmetric,
+                                         self.scheme.weight_clip_search, allow_ragged=self.scheme.ragged_groups)
         return weight + (quantized - weight).detach()
 
     def activations(self, inputs: Tensor) -> Tensor:
         """Dynamic fake quantization as deployed (per token, or per block of K where the scheme follows
         ONNX Runtime's A8 kernel; already straight-through); identity for a16 schemes."""
-        return fake_quantize_activations(inputs, self.scheme.act_bits, self.scheme.act_symmetric,
-                                         self.scheme.act_clip_ratio, self.scheme.act_block_size)
+        spec = self.spec
+        return fake_quantize_activations(inputs, spec.act_bits, spec.act_symmetric, spec.act_clip_ratio,
+                                         spec.act_block_size)

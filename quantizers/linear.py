@@ -6,6 +6,8 @@ token, or per block of K where the runtime kernel does that) → matmul with the
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rotaq.pipeline.families import DecoderFamily
 from rotaq.quantizers.activations import fake_quantize_activations, fake_quantize_per_token
+from rotaq.quantizers.schemes import QuantScheme
 from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
 
 
@@ -39,6 +43,40 @@ class LayerQuantSpec:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LayerQuantSpec:
         return cls(**{key: values[key] for key in cls.__dataclass_fields__ if key in values})
+
+
+def activation_block(scheme: QuantScheme) -> int | None:
+    """The scheme's activation block, shrunk to fit inside its weight groups (a MatMulNBits block
+    must not straddle two groups); per token when no kernel block size fits (below 16)."""
+    block = scheme.act_block_size
+    if block is None or scheme.weight_group_size is None:
+        return block
+    fitted = math.gcd(block, scheme.weight_group_size)
+    return fitted if fitted >= 16 else None
+
+
+def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
+    """What a decoder linear deploys under `scheme`: the quantize stage writes it, QAT trains against it."""
+    return LayerQuantSpec(weight_bits=scheme.weight_bits, group_size=scheme.weight_group_size,
+                          weight_symmetric=scheme.weight_symmetric, act_bits=scheme.act_bits,
+                          act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio,
+                          act_block_size=activation_block(scheme))
+
+
+def kv_cache_spec(spec: LayerQuantSpec, scheme: QuantScheme, model: nn.Module) -> LayerQuantSpec:
+    """k_proj / v_proj: the decoder spec plus, with `kv_bits`, per-token per-head output quantization."""
+    if scheme.kv_bits is None or scheme.kv_bits >= 16:
+        return spec
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return dataclasses.replace(spec, output_bits=scheme.kv_bits, output_group=int(head_dim))
+
+
+def decoder_layer_specs(scheme: QuantScheme, family: DecoderFamily, model: nn.Module) -> dict[str, LayerQuantSpec]:
+    """The spec of each decoder linear (a path inside a layer, e.g. self_attn.k_proj) under `scheme`."""
+    spec = decoder_layer_spec(scheme)
+    return {path: kv_cache_spec(spec, scheme, model) if path in family.attention_inputs[1:] else spec
+            for path in family.decoder_linears}
 
 
 def quantize_output(output: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:

@@ -7,8 +7,6 @@ model that is scored and the codes that are exported.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -28,7 +26,14 @@ from rotaq.quantizers.calibration import (
     run_layer_until_stopped,
 )
 from rotaq.quantizers.gptq import HessianAccumulator, gptq_quantize
-from rotaq.quantizers.linear import LayerQuantSpec, QuantizedLinear
+from rotaq.quantizers.linear import (  # noqa: F401  (activation_block, kv_cache_spec: imported from here too)
+    LayerQuantSpec,
+    QuantizedLinear,
+    activation_block,
+    decoder_layer_spec,
+    decoder_layer_specs,
+    kv_cache_spec,
+)
 from rotaq.quantizers.rtn import QuantizedWeight, quantize_weight_rtn
 from rotaq.quantizers.schemes import QuantScheme
 from rotaq.quantizers.structure import install_quantized_linear
@@ -53,37 +58,11 @@ class QuantizeSettings:
             raise RotaqError(f"unknown weight quantizer '{self.weights}'; choose one of {', '.join(WEIGHT_METHODS)}")
 
 
-def activation_block(scheme: QuantScheme) -> int | None:
-    """The scheme's activation block, shrunk to fit inside its weight groups (a MatMulNBits block
-    must not straddle two groups); per token when no kernel block size fits (below 16)."""
-    block = scheme.act_block_size
-    if block is None or scheme.weight_group_size is None:
-        return block
-    fitted = math.gcd(block, scheme.weight_group_size)
-    return fitted if fitted >= 16 else None
-
-
-def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
-    return LayerQuantSpec(weight_bits=scheme.weight_bits, group_size=scheme.weight_group_size,
-                          weight_symmetric=scheme.weight_symmetric, act_bits=scheme.act_bits,
-                          act_symmetric=scheme.act_symmetric, act_clip_ratio=scheme.act_clip_ratio,
-                          act_block_size=activation_block(scheme))
-
-
 # The lm_head's input is quantized to int8 per block of 64, as ONNX Runtime's 8-bit MatMulNBits
 # computes it at accuracy_level 4: at accuracy_level 0 (float activations) that kernel has no fast
 # path for 8-bit weights and dequantizes the whole head on every call (measured: 142 ms per decode
 # step for SmolLM2's 49152 x 576 head, against 0.7 ms at level 4).
 LM_HEAD_ACT_BLOCK = 64
-
-
-def kv_cache_spec(spec: LayerQuantSpec, scheme: QuantScheme, model: nn.Module) -> LayerQuantSpec:
-    """k_proj / v_proj: the decoder spec plus, with `kv_bits`, per-token per-head output quantization."""
-    if scheme.kv_bits is None or scheme.kv_bits >= 16:
-        return spec
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return dataclasses.replace(spec, output_bits=scheme.kv_bits, output_group=int(head_dim))
 
 
 def head_spec(bits: int, quantize_input: bool = False) -> LayerQuantSpec:
@@ -154,9 +133,7 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
     layers = decoder_layers(model, family)
     inputs = (capture_first_layer_inputs(model, family, calibration_windows, settings.batch_size)
               if settings.weights == "gptq" else None)
-    spec = decoder_layer_spec(scheme)
-    layer_specs = {path: kv_cache_spec(spec, scheme, model) if path in family.attention_inputs[1:] else spec
-                   for path in family.decoder_linears}
+    layer_specs = decoder_layer_specs(scheme, family, model)
     side_paths = lor2c_paths(model)
     with side_paths.layer_by_layer() if side_paths is not None and inputs is not None else nullcontext() as runner:
         bar = progress_bar(layers, desc=f"quantize {scheme.name} ({settings.weights})", disable=not settings.progress)

@@ -8,9 +8,7 @@ number is computed or typed here that is not in one of those files.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,10 @@ from rotaq.eval.labels import label
 from rotaq.pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
 from rotaq.pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
 from rotaq.pipeline.report_html import render_html
+from rotaq.pipeline.run_files import RunFiles
 from rotaq.pipeline.run_results import RESULTS_FILE
-from rotaq.pipeline.stage_cache import MARKERS_FOLDER, RUN_RECORD, read_marker
+from rotaq.pipeline.stage_cache import MARKERS_FOLDER, read_marker
+from rotaq.pipeline.sweep_table import run_summary
 
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
@@ -39,29 +39,6 @@ _OUTLIER_STATISTICS = [
     ("max |x|", "max_abs", "max_abs_layer"),
 ]
 _LAYER_COLUMNS = ["layer", "max_abs_over_rms_before", "max_abs_over_rms_after", "kurtosis_before", "kurtosis_after"]
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The JSON files of one run folder, by the names run.json gives its stages."""
-
-    folder: Path
-    record: dict[str, Any]
-
-    @classmethod
-    def load(cls, folder: Path) -> RunFiles:
-        return cls(folder, json.loads((folder / RUN_RECORD).read_text()))
-
-    def json(self, relative: str) -> Any:
-        """A JSON file of the run, or None when it was not written."""
-        path = self.folder / relative
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def stages(self, stage: str | None = None) -> list[dict[str, Any]]:
-        return [entry for entry in self.record["stages"] if stage is None or entry["stage"] == stage]
-
-    def stage_named(self, name: str) -> dict[str, Any] | None:
-        return next((entry for entry in self.record["stages"] if entry["name"] == name), None)
 
 
 def write_report(run_folder: Path) -> Path:
@@ -83,7 +60,6 @@ def write_report(run_folder: Path) -> Path:
 def _summary_section(run: RunFiles) -> list[Block]:
     """Each deployable model (the last float model and every quantized one) with its accuracy beside its
     speed and size, as `rotaq run` prints it and a sweep tabulates it."""
-    from rotaq.pipeline.sweep_table import run_summary  # imported here: it reads RunFiles from here
 
     rows, columns = run_summary(run.folder)
     if not rows:

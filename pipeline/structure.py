@@ -1,33 +1,43 @@
 """Rebuild the non-standard modules a stage folder needs before its weights are loaded.
 
 A rotated model is a plain transformers model plus online rotations; later stages add their own
-manifest sections (adapters, quantization). Each section is installed here, in pipeline order, by
-the package that owns it.
+manifest sections (adapters, quantization). Each section is installed, in pipeline order, by the
+package that owns it. They are named here as strings and imported only when a manifest has the
+section: this foundation module must not import the stage packages (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from rotaq.pipeline.families import DecoderFamily
 
 
+class Installer(NamedTuple):
+    section: str  # the manifest section that needs it
+    module: str
+    function: str
+    takes_family: bool = True  # called as function(model, family, section), else function(model, section)
+
+
+INSTALLERS = (
+    Installer("rotation", "rotaq.rotations.rotate", "install_rotation_structure", takes_family=False),
+    Installer("adapters", "rotaq.adapters.structure", "install_adapter_structure"),
+    Installer("side_paths", "rotaq.adapters.lor2c", "install_lor2c_structure"),
+    Installer("quantization", "rotaq.quantizers.structure", "install_quantization_structure"),
+)
+
+
 def install_structure(model: nn.Module, family: DecoderFamily, manifest: dict[str, Any]) -> None:
-    if rotation := manifest.get("rotation"):
-        from rotaq.rotations.rotate import install_rotation_structure
-
-        install_rotation_structure(model, rotation)
-    if adapters := manifest.get("adapters"):
-        from rotaq.adapters.structure import install_adapter_structure
-
-        install_adapter_structure(model, family, adapters)
-    if side_paths := manifest.get("side_paths"):
-        from rotaq.adapters.lor2c import install_lor2c_structure
-
-        install_lor2c_structure(model, family, side_paths)
-    if quantization := manifest.get("quantization"):
-        from rotaq.quantizers.structure import install_quantization_structure
-
-        install_quantization_structure(model, family, quantization)
+    for installer in INSTALLERS:
+        section = manifest.get(installer.section)
+        if not section:
+            continue
+        install = getattr(importlib.import_module(installer.module), installer.function)
+        if installer.takes_family:
+            install(model, family, section)
+        else:
+            install(model, section)

@@ -16,7 +16,7 @@ from typing import Any
 from rotaq.eval.tables import csv_text, json_records, markdown_table
 from rotaq.pipeline.atomic import atomic_write, write_json_atomic
 from rotaq.pipeline.options import yaml_value
-from rotaq.pipeline.report import RunFiles
+from rotaq.pipeline.run_files import RunFiles
 from rotaq.pipeline.report_charts import pareto_front, plot_accuracy_tradeoff, tradeoff_point
 from rotaq.pipeline.run_results import RESULTS_FILE
 from rotaq.pipeline.stage_cache import RUN_RECORD, read_marker

@@ -62,8 +62,8 @@ class FinetuneOptions:
                                         minimum=0)
     lor2c_interval: int | None = setting(None, "steps between LoR2C merges / injections (null: spread evenly)",
                                          minimum=1)
-    lor2c_score: str = setting("top-share", "LoR2C path score from the singular values of s·B·A: top-share (share "
-                                            "of the top-k) or mean", choices=lambda: SCORE_METHODS)
+    lor2c_score: str = setting("mean", "LoR2C path score from the singular values of s·B·A: mean (grows with the "
+                                       "update) or top-share (share of the top-k)", choices=lambda: SCORE_METHODS)
     lor2c_top_k: int = setting(1, "singular values counted by the top-share score", minimum=1)
     training: TrainConfig = field(default_factory=TrainConfig)
     data: str | None = None

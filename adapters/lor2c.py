@@ -19,9 +19,11 @@ Variants (`LOR2C_TYPES`):
 - `inject-lor2c`: `inject_lora` removes the path with the largest score and puts plain LoRA on q_proj
   and v_proj of its layer.
 
-A path's score is computed from the singular values σ of s·B A: the share of the top-k singular values
-in their sum (`top-share`), or their mean (`mean`). The paper ranks paths by this to find the ones that
-carry least (merge) or most (inject) of the update.
+A path's score is computed from the singular values σ of s·B A. The default, their mean (`mean`), grows
+with the size of the path's update, so merge takes the pair carrying least of it and inject the path
+carrying most; it is also what the authors' code (github.com/Oblivioniss/LoR2C) uses unless `sfs_k` is
+given. `top-share`, the share of the top-k singular values in their sum (their SFS with `sfs_k`), says how
+concentrated an update is, not how large: scaling a path's B leaves it unchanged.
 
 Written here rather than taken from PEFT: PEFT adapts modules one by one and has no adapter that spans
 a nonlinear block from one layer's input to another layer's output.
@@ -61,7 +63,7 @@ class Lor2cConfig:
     kind: str = LOR2C
     rank: int = 8
     alpha: float = 16.0
-    score: str = "top-share"
+    score: str = "mean"  # see the module docstring: the mean ranks paths by how much update they carry
     top_k: int = 1  # singular values counted by the top-share score
     changes: int | None = None  # merges (merge-lor2c) or injections (inject-lor2c); None: the type's default
     interval: int | None = None  # optimizer steps between changes; None: spread evenly over training

@@ -68,7 +68,7 @@ def test_share_lor2c_has_one_a_and_counts_it_once() -> None:
 
 def test_merge_lor2c_replaces_the_weakest_adjacent_pair_and_trains_the_new_path() -> None:
     model, ids = _model_and_ids()
-    installed = install_lor2c(model, family_for(model), Lor2cConfig(kind=MERGE_LOR2C, rank=4, score="mean"))
+    installed = install_lor2c(model, family_for(model), Lor2cConfig(kind=MERGE_LOR2C, rank=4))
     count = len(installed.paths)
     for index, path in enumerate(installed.paths):  # path 1 and 2 carry the least: they merge
         _randomize(path.lora_B, index)
@@ -87,7 +87,7 @@ def test_merge_lor2c_replaces_the_weakest_adjacent_pair_and_trains_the_new_path(
 def test_inject_lor2c_puts_lora_where_the_strongest_path_was() -> None:
     model, ids = _model_and_ids()
     family = family_for(model)
-    installed = install_lor2c(model, family, Lor2cConfig(kind=INJECT_LOR2C, rank=4, score="mean"))
+    installed = install_lor2c(model, family, Lor2cConfig(kind=INJECT_LOR2C, rank=4))
     for index, path in enumerate(installed.paths):
         _randomize(path.lora_B, index)
         with torch.no_grad():
@@ -104,13 +104,26 @@ def test_inject_lor2c_puts_lora_where_the_strongest_path_was() -> None:
 
 def test_path_score_matches_the_singular_values_of_the_full_product() -> None:
     model, _ = _model_and_ids()
-    config = Lor2cConfig(rank=4, alpha=8.0, top_k=2)
+    config = Lor2cConfig(rank=4, alpha=8.0, score="top-share", top_k=2)
     path = install_lor2c(model, family_for(model), config).paths[0]
     _randomize(path.lora_B, 3)
     singular = torch.linalg.svdvals(path.delta().detach().double())[:4]
     assert path_score(path, config) == pytest.approx(float(singular[:2].sum() / singular.sum()), rel=1e-9)
     mean = Lor2cConfig(rank=4, alpha=8.0, score="mean")
     assert path_score(path, mean) == pytest.approx(float(singular.mean()), rel=1e-9)
+
+
+def test_default_score_grows_with_the_update_and_top_share_does_not() -> None:
+    """Why `mean` is the default: merge/inject must rank paths by how much update they carry."""
+    model, _ = _model_and_ids()
+    path = install_lor2c(model, family_for(model), Lor2cConfig(rank=4)).paths[0]
+    _randomize(path.lora_B, 1)
+    default, share = Lor2cConfig(rank=4), Lor2cConfig(rank=4, score="top-share")
+    before = path_score(path, default), path_score(path, share)
+    with torch.no_grad():
+        path.lora_B.mul_(10.0)
+    assert path_score(path, default) == pytest.approx(10 * before[0], rel=1e-6)  # B is float32
+    assert path_score(path, share) == pytest.approx(before[1], rel=1e-6)
 
 
 def test_removing_paths_restores_the_model() -> None:

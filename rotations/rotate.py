@@ -10,16 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import torch
 from torch import nn
 
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
-from rotaq.rotations.hadamard import random_hadamard_matrix, random_orthogonal_matrix
+from rotaq.rotations.hadamard import has_hadamard, random_hadamard_matrix, random_orthogonal_matrix
 from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, online_rotation_spec
 
-ROTATION_KINDS = ("hadamard", "random")
+logger = logging.getLogger(__name__)
+
+# "learned" starts from the randomized Hadamard and learns it (rotations/learned.py); the fold is the same.
+ROTATION_KINDS = ("hadamard", "random", "learned")
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at once, to bound float64 memory
+
+
+@dataclass(frozen=True)
+class RotationMatrices:
+    """Given rotations to fold instead of the seeded ones: R1 on the residual stream, and optionally one
+    head_dim × head_dim R2 per decoder layer applied to every value head (v_proj's output, o_proj's input)."""
+
+    residual: torch.Tensor
+    heads: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +103,49 @@ def rotate_linear_output(linear: nn.Linear, rotation: torch.Tensor) -> None:
 
 
 def residual_rotation_matrix(width: int, config: RotationConfig) -> torch.Tensor:
-    if config.kind == "hadamard":
-        return random_hadamard_matrix(width, config.seed)
-    return random_orthogonal_matrix(width, config.seed)
+    if config.kind == "random":
+        return random_orthogonal_matrix(width, config.seed)
+    return start_matrix(width, config.seed) if config.kind == "learned" else random_hadamard_matrix(width, config.seed)
+
+
+def start_matrix(width: int, seed: int) -> torch.Tensor:
+    """Where a learned rotation starts: the randomized Hadamard, or (with a warning) a seeded random
+    orthogonal matrix for a width that has no Hadamard construction."""
+    if has_hadamard(width):
+        return random_hadamard_matrix(width, seed)
+    logger.warning("no Hadamard matrix of order %d: the learned rotation starts from a random orthogonal one", width)
+    return random_orthogonal_matrix(width, seed)
+
+
+def attention_head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def rotate_head_rows(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """R2ᵀ·W_h for every head block of rows (heads · head_dim × in): the layer's output per head becomes v_h·R2.
+    Shared by the fold and by the learning, so both compute the same weights."""
+    head_dim = rotation.shape[0]
+    return (rotation.T @ weight.reshape(-1, head_dim, weight.shape[-1])).reshape(weight.shape)
+
+
+def rotate_head_columns(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """W_h·R2 for every head block of columns (out × heads · head_dim): undoes `rotate_head_rows` on the input."""
+    head_dim = rotation.shape[0]
+    return (weight.reshape(weight.shape[0], -1, head_dim) @ rotation).reshape(weight.shape)
+
+
+@torch.no_grad()
+def rotate_value_heads(layer: nn.Module, family: DecoderFamily, rotation: torch.Tensor) -> None:
+    """Every value head v_h ↦ v_h·R2 and o_proj's input columns by the same R2 per head. Attention mixes values
+    only across positions, and grouped queries share a value head, so each head's output carries R2 and
+    o_proj's weight cancels it: the function is unchanged."""
+    value = layer.get_submodule(family.attention_inputs[2])  # (q, k, v) in every family
+    output = layer.get_submodule(family.attention_output)
+    _set_weight(value, rotate_head_rows(value.weight.double(), rotation))
+    if value.bias is not None:
+        value.bias.data = (value.bias.double().reshape(-1, rotation.shape[0]) @ rotation).reshape(-1).to(
+            value.bias.dtype)
+    _set_weight(output, rotate_head_columns(output.weight.double(), rotation))
 
 
 @torch.no_grad()
@@ -121,11 +175,27 @@ def online_rotation_specs(model: nn.Module, family: DecoderFamily, config: Rotat
     return specs
 
 
+def check_head_rotations(model: nn.Module, family: DecoderFamily, heads: list[torch.Tensor]) -> None:
+    layer_count, head_dim = len(decoder_layers(model, family)), attention_head_dim(model.config)
+    if len(heads) != layer_count or any(tuple(r.shape) != (head_dim, head_dim) for r in heads):
+        raise RotaqError(f"head rotations must be {layer_count} matrices of {head_dim}×{head_dim}")
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig) -> dict[str, Any]:
-    """Rotate `model` in place; returns the manifest section that lets a loader rebuild its structure."""
+def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig,
+                 matrices: RotationMatrices | None = None) -> dict[str, Any]:
+    """Rotate `model` in place; returns the manifest section that lets a loader rebuild its structure.
+
+    `matrices` (a learned R1, and R2 per layer) replace the seeded residual rotation; everything else
+    (norm folding, the online rotations) is the same for every kind.
+    """
     hidden_size = model.get_submodule(family.embed_tokens).weight.shape[1]
-    rotation = residual_rotation_matrix(hidden_size, config)
+    rotation = residual_rotation_matrix(hidden_size, config) if matrices is None else matrices.residual.double()
+    if tuple(rotation.shape) != (hidden_size, hidden_size):
+        raise RotaqError(f"the residual rotation must be {hidden_size}×{hidden_size}, got {tuple(rotation.shape)}")
+    heads = None if matrices is None else matrices.heads
+    if heads is not None:
+        check_head_rotations(model, family, heads)
     online_specs = online_rotation_specs(model, family, config) if config.online else {}
 
     untie_word_embeddings(model, family)
@@ -136,11 +206,14 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
             rotate_weight_rows(layer.get_submodule(path), rotation)
         for path in (family.attention_output, family.mlp_output):
             rotate_linear_output(layer.get_submodule(path), rotation)
+    if heads is not None:
+        for layer, head_rotation in zip(decoder_layers(model, family), heads):
+            rotate_value_heads(layer, family, head_rotation.double())
     rotate_weight_rows(model.get_submodule(family.lm_head), rotation)
     for path, spec in online_specs.items():
         install_online_rotation(model, path, spec, fold=True)
-    return {"kind": config.kind, "seed": config.seed, "residual_width": hidden_size,
-            "online": online_specs}
+    section = {"kind": config.kind, "seed": config.seed, "residual_width": hidden_size, "online": online_specs}
+    return {**section, "head_rotations": True} if heads is not None else section
 
 
 def install_rotation_structure(model: nn.Module, rotation_section: dict[str, Any]) -> None:

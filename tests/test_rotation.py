@@ -9,8 +9,18 @@ import torch
 
 from rotaq.pipeline.errors import NoHadamardError, RotaqError
 from rotaq.pipeline.families import family_for_model, layer_linears
+from rotaq.quantizers.schemes import parse_scheme
+from rotaq.rotations.learn_stage import start_rotations
+from rotaq.rotations.learned import LearnSettings, learn_rotations
 from rotaq.rotations.online import OnlineRotatedLinear
-from rotaq.rotations.rotate import RotationConfig, fold_all_norms, rotate_model, untie_word_embeddings
+from rotaq.rotations.rotate import (
+    RotationConfig,
+    RotationMatrices,
+    fold_all_norms,
+    online_rotation_specs,
+    rotate_model,
+    untie_word_embeddings,
+)
 from rotaq.rotations.stage import max_relative_error
 from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
 
@@ -22,15 +32,31 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
+def learned_matrices(model: torch.nn.Module, config: RotationConfig, learn_heads: bool = True) -> RotationMatrices:
+    """A few W4A4 learning steps from the Hadamard start; the result must have moved away from it."""
+    family = family_for_model(model)
+    start = start_rotations(model, family, config.seed, learn_heads)
+    settings = LearnSettings(parse_scheme("w4a4"), steps=3, lr=0.05, learn_heads=learn_heads, progress=False)
+    learned = learn_rotations(model, family, random_tokens(4, 16, seed=5), settings, start,
+                              online_rotation_specs(model, family, config)).matrices
+    assert not torch.allclose(learned.residual, start.residual, atol=1e-3)
+    if learn_heads:
+        assert not torch.allclose(learned.heads[0], start.heads[0], atol=1e-4)
+    return learned
+
+
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("kind", ["hadamard", "random", "learned", "learned-r1"])
 def test_rotation_keeps_logits(name: str, kind: str) -> None:
     model = tiny_model(name)
     tokens = random_tokens()
     expected = logits(model, tokens)
     family = family_for_model(model)
-    section = rotate_model(model, family, RotationConfig(kind=kind, seed=3))
+    config = RotationConfig(kind=kind.removesuffix("-r1"), seed=3)
+    matrices = learned_matrices(model, config, learn_heads=kind == "learned") if kind.startswith("learned") else None
+    section = rotate_model(model, family, config, matrices)
     assert max_relative_error(logits(model, tokens), expected) < TOLERANCE
+    assert section.get("head_rotations", False) == (kind == "learned")
     assert len(section["online"]) == 2 * model.config.num_hidden_layers
     for layer in model.model.layers:
         linears = layer_linears(layer, family)

@@ -36,7 +36,8 @@ class StageOptions:
 
 
 STAGE_OPTIONS = (
-    StageOptions("rotate", "rotaq.rotations.stage", "RotateOptions", "run_rotate", ("rotate",), ("model", "out")),
+    StageOptions("rotate", "rotaq.rotations.stage", "RotateOptions", "run_rotate", ("rotate",),
+                 ("model", "out", "calibration", "checkpoint", "progress")),
     StageOptions("finetune", "rotaq.adapters.finetune", "FinetuneOptions", "run_finetune", ("finetune",),
                  ("model", "out", "training", "data", "seq_len", "resume", "checkpoint_dir", "progress")),
     StageOptions("merge", "rotaq.adapters.merge_stage", "MergeOptions", "run_merge", ("merge",),

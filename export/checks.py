@@ -50,6 +50,14 @@ def graph_prefill_logits(graph: DecoderGraph, input_ids: torch.Tensor) -> torch.
         return graph(input_ids, torch.ones_like(input_ids), past)[0]
 
 
+def graph_greedy_ids(graph: DecoderGraph, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt_ids` by the PyTorch export forward (no cache: a reference, not fast)."""
+    ids = list(prompt_ids)
+    for _ in range(new_tokens):
+        ids.append(int(graph_prefill_logits(graph, torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
 def _require(name: str, error: float, tolerance: float) -> None:
     if not error < tolerance:
         raise RotaqError(f"export check {name} failed (relative error {error:.2e} > {tolerance}); "
@@ -66,8 +74,30 @@ def check_graph_matches_model(graph: DecoderGraph, model: nn.Module, input_ids: 
     return comparison
 
 
+def register_runtime_schemas() -> None:
+    """Teach onnx.checker ONNX Runtime's SimplifiedLayerNormalization, which ORT registers in the default
+    domain (as onnxruntime-genai's builder graphs use it) but onnx itself does not define; the
+    com.microsoft operators are not checked by onnx at all."""
+    from onnx import defs
+
+    if defs.has("SimplifiedLayerNormalization"):
+        return
+    schema = defs.OpSchema
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    defs.register_schema(schema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[schema.FormalParameter("X", "T"), schema.FormalParameter("scale", "V")],
+        outputs=[schema.FormalParameter("Y", "V"),
+                 schema.FormalParameter("inv_std_var", "U", param_option=schema.FormalParameterOption.Optional)],
+        type_constraints=[("T", floats, ""), ("V", floats, ""), ("U", ["tensor(float)", "tensor(double)"], "")],
+        attributes=[schema.Attribute(name, kind, "", required=False) for name, kind in
+                    (("axis", schema.AttrType.INT), ("epsilon", schema.AttrType.FLOAT),
+                     ("stash_type", schema.AttrType.INT))]))
+
+
 def check_onnx_file(path: Path) -> None:
     """onnx.checker on the saved file (by path, so external data and >2 GB graphs are handled)."""
+    register_runtime_schemas()
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

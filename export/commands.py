@@ -14,7 +14,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from rotaq.export.layout import read_layout
     from rotaq.export.stage import ExportOptions, run_export
 
-    out = run_export(ExportOptions(model=args.model, out=Path(args.out), check_tokens=args.check_tokens))
+    out = run_export(ExportOptions(model=args.model, out=Path(args.out), check_tokens=args.check_tokens,
+                                   layout=args.layout))
     manifest = read_layout(out).manifest
     checks = manifest["checks"]
     size = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
@@ -122,6 +123,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output folder (written atomically)")
     export.add_argument("--check-tokens", type=int, default=32,
                         help="tokens per sequence of the logit checks (default 32)")
+    export.add_argument("--layout", default="fused", choices=["fused", "traced"],
+                        help="fused (default): onnxruntime-genai's fused operators (GroupQueryAttention, "
+                             "SkipSimplifiedLayerNormalization, packed projections); traced: torch.onnx's trace "
+                             "of the export forward, which also takes left-padded batches")
     export.set_defaults(handler=_cmd_export)
 
     generate = commands.add_parser("generate", help="generate text from an exported folder with ONNX Runtime")

@@ -9,7 +9,7 @@ block of K (`fake_quantize_per_block`, what ONNX Runtime's MatMulNBits does at a
 
 | emitter | ONNX | computes |
 |---|---|---|
-| `QDQLinear` | act fake-quant subgraph + DequantizeLinear(INT4/INT8 codes) + MatMul | F.linear(fake_quantize_per_token(x), W_deq) |
+| `QDQLinear` | act fake-quant subgraph + MatMulNBits acc 0 (or DequantizeLinear(INT4/INT8 codes) + MatMul where MatMulNBits cannot hold the codes) | F.linear(fake_quantize_per_token(x), W_deq) |
 | `MatMulIntegerLinear` | per-token int8 codes + MatMulInteger + two scale Muls | float32(Σ_k qx·qw) · s_x · s_w, the sum exact in int32 |
 | `MatMulNBitsLinear` acc 0 | com.microsoft MatMulNBits, float32 A | x · W_deqᵀ |
 | `MatMulNBitsLinear` acc 4 | com.microsoft MatMulNBits, A → int8 per block | fake_quantize_per_block(x, 8, block) · W_deqᵀ |
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 from torch.nn import functional as F
@@ -73,13 +74,19 @@ class LinearEmitter(Protocol):
     def describe(self) -> dict[str, Any]:
         """The kernel and its numerics, for export.json."""
 
+    def numerics(self) -> tuple:
+        """Everything but the weight that fixes what the kernel computes: equal tuples may share a node."""
 
-class _Builder:
-    """Collects nodes and initializers under one name prefix."""
+    def with_weight(self, weight: QuantizedWeight) -> LinearEmitter:
+        """The same kernel over other codes (see `stacked_emitter`)."""
 
-    def __init__(self, prefix: str) -> None:
+
+class NodeBuilder:
+    """Collects nodes and initializers under one name prefix (into `emission`, shared or its own)."""
+
+    def __init__(self, prefix: str, emission: Emission | None = None) -> None:
         self.prefix = prefix
-        self.emission = Emission()
+        self.emission = emission if emission is not None else Emission()
 
     def name(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"
@@ -87,11 +94,17 @@ class _Builder:
     def node(self, op: str, inputs: list[str], suffix: str, output: str | None = None, domain: str = "",
              **attributes: Any) -> str:
         output = output or self.name(suffix)
-        self.emission.nodes.append(helper.make_node(op, inputs, [output], name=self.name(f"{suffix}_{op}"),
+        self.multi_output_node(op, inputs, suffix, [output], domain, **attributes)
+        return output
+
+    def multi_output_node(self, op: str, inputs: list[str], suffix: str, outputs: list[str], domain: str = "",
+                          **attributes: Any) -> list[str]:
+        """A node with several outputs (an empty name leaves that output unused)."""
+        self.emission.nodes.append(helper.make_node(op, inputs, outputs, name=self.name(f"{suffix}_{op}"),
                                                     domain=domain, **attributes))
         if domain:
             self.emission.domains[domain] = 1
-        return output
+        return outputs
 
     def constant(self, suffix: str, value: np.ndarray) -> str:
         self.emission.initializers.append(numpy_helper.from_array(np.asarray(value), self.name(suffix)))
@@ -106,7 +119,7 @@ def _float(value: float) -> np.ndarray:
     return np.array(value, dtype=np.float32)
 
 
-def _emit_activation_codes(b: _Builder, x: str, act: ActQuant) -> tuple[str, str, str | None]:
+def _emit_activation_codes(b: NodeBuilder, x: str, act: ActQuant) -> tuple[str, str, str | None]:
     """Per-token codes (float, integer-valued), scale [..., 1] and zero point, op for op as
     `rotaq.quantizers.activations` computes them in float32 (so rounding ties break the same way)."""
     qmin, qmax = qrange(act.bits, act.symmetric)
@@ -156,7 +169,7 @@ def integer_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> on
     return helper.make_tensor(name, data_type, list(values.shape), packed.tobytes(), raw=True)
 
 
-def _weight_dequantize(b: _Builder, weight: QuantizedWeight) -> str:
+def _weight_dequantize(b: NodeBuilder, weight: QuantizedWeight) -> str:
     """DequantizeLinear of the codes laid out [in, out] (MatMul's B): per-axis for one group per row,
     blocked along `in` otherwise."""
     codes_t = weight.codes.numpy().T
@@ -194,19 +207,34 @@ class QDQLinear:
         return F.linear(x, self._dequantized)
 
     def emit(self, x: str, y: str, prefix: str) -> Emission:
-        b = _Builder(prefix)
-        weight = _weight_dequantize(b, self.weight)
+        b = NodeBuilder(prefix)
         if self.act.active:
             codes, scale, zero = _emit_activation_codes(b, x, self.act)
             if zero is not None:
                 codes = b.node("Sub", [codes, zero], "centered")
             x = b.node("Mul", [codes, scale], "act_dequantized")
-        b.node("MatMul", [x, weight], "matmul", output=y)
+        if nbits_block_size(self.weight):
+            # MatMulNBits at accuracy level 0 (float32 A) is the kernel ORT would fuse DequantizeLinear +
+            # MatMul into; written out, the graph no longer depends on the session's fusion setting.
+            kernel = MatMulNBitsLinear(self.weight, 0).emit(x, y, b.name("kernel"))
+            b.emission.nodes += kernel.nodes
+            b.emission.initializers += kernel.initializers
+            b.emission.domains.update(kernel.domains)
+            return b.emission
+        b.node("MatMul", [x, _weight_dequantize(b, self.weight)], "matmul", output=y)
         return b.emission
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, **_weight_fields(self.weight), "activations": _act_text(self.act),
-                "computes": "MatMul(fake_quantize_per_token(x), DequantizeLinear(codes))"}
+                "computes": ("MatMulNBits(fake_quantize_per_token(x), packed codes), accuracy_level 0"
+                             if nbits_block_size(self.weight) else
+                             "MatMul(fake_quantize_per_token(x), DequantizeLinear(codes))")}
+
+    def numerics(self) -> tuple:
+        return (self.act,)
+
+    def with_weight(self, weight: QuantizedWeight) -> QDQLinear:
+        return QDQLinear(weight, self.act)
 
 
 class MatMulIntegerLinear:
@@ -235,7 +263,7 @@ class MatMulIntegerLinear:
         return accumulated * scale * self.weight.scales[:, 0]
 
     def emit(self, x: str, y: str, prefix: str) -> Emission:
-        b = _Builder(prefix)
+        b = NodeBuilder(prefix)
         codes, scale, _ = _emit_activation_codes(b, x, self.act)
         codes = b.node("Cast", [codes], "codes_int8", to=TensorProto.INT8)
         weight_codes = self.weight.codes.numpy().T
@@ -252,6 +280,12 @@ class MatMulIntegerLinear:
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, **_weight_fields(self.weight), "activations": _act_text(self.act),
                 "computes": "MatMulInteger(per-token codes, weight codes) * act_scale * weight_scale"}
+
+    def numerics(self) -> tuple:
+        return (self.act,)
+
+    def with_weight(self, weight: QuantizedWeight) -> MatMulIntegerLinear:
+        return MatMulIntegerLinear(weight, self.act)
 
 
 class MatMulNBitsLinear:
@@ -290,7 +324,7 @@ class MatMulNBitsLinear:
         return F.linear(x, self._dequantized)
 
     def emit(self, x: str, y: str, prefix: str) -> Emission:
-        b = _Builder(prefix)
+        b = NodeBuilder(prefix)
         weight, bits, block = self.weight, self.weight.bits, self.block_size
         out_features, in_features = weight.shape
         n_blocks = -(-in_features // block)  # K padded up to whole blocks, as MatMulNBits stores it
@@ -318,6 +352,12 @@ class MatMulNBitsLinear:
         return {"kind": self.kind, **_weight_fields(self.weight), "block_size": self.block_size,
                 "accuracy_level": self.accuracy_level, "activations": activations,
                 "computes": "MatMulNBits(x, packed codes)"}
+
+    def numerics(self) -> tuple:
+        return (self.accuracy_level, self.block_size)
+
+    def with_weight(self, weight: QuantizedWeight) -> MatMulNBitsLinear:
+        return MatMulNBitsLinear(weight, self.accuracy_level, self.block_size)
 
 
 def single_layer_model(emitter: LinearEmitter, in_features: int, out_features: int, opset: int) -> onnx.ModelProto:
@@ -352,6 +392,30 @@ def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     if values.shape[1] % 2:
         values = np.concatenate([values, np.zeros((values.shape[0], 1), np.uint8)], axis=1)
     return (values[:, 0::2] & 0x0F) | ((values[:, 1::2] & 0x0F) << 4)
+
+
+def stacked_weights(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """The codes of several layers that read the same input, stacked along the output rows (q/k/v into
+    one qkv), or None when their formats differ: each output row keeps its own codes and scales, so
+    the stacked layer computes the layers' outputs side by side, exactly."""
+    first = weights[0]
+    formats = {(w.bits, w.symmetric, w.group_size, w.n_groups, w.shape[1], w.zero_points is None) for w in weights}
+    if len(formats) != 1:
+        return None
+    zero_points = None if first.zero_points is None else torch.cat([w.zero_points for w in weights])
+    return QuantizedWeight(codes=torch.cat([w.codes for w in weights]), scales=torch.cat([w.scales for w in weights]),
+                           zero_points=zero_points, group_size=first.group_size, bits=first.bits,
+                           symmetric=first.symmetric)
+
+
+def stacked_emitter(emitters: list[LinearEmitter]) -> LinearEmitter | None:
+    """One kernel for several same-input layers with the same kernel and activation numerics (the fused
+    graph's packed q/k/v), or None when they differ: then each keeps its own node."""
+    first = emitters[0]
+    if len({type(e) for e in emitters}) != 1 or len({e.numerics() for e in emitters}) != 1:
+        return None
+    weight = stacked_weights([e.weight for e in emitters])
+    return None if weight is None else first.with_weight(weight)
 
 
 def choose_emitter(weight: QuantizedWeight, act: ActQuant) -> LinearEmitter:

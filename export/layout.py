@@ -19,6 +19,8 @@ MANIFEST_NAME = "export.json"
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 OPSET = 21
+# Tensors below this many bytes stay inside model.onnx; the weights go to model.onnx.data.
+EXTERNAL_DATA_THRESHOLD = 1024
 # ORT fuses DequantizeLinear + MatMul into MatMulNBits and would, by default, quantize that MatMul's
 # activations to int8 per block (accuracy level 4); level 0 keeps the QDQ layers' float32 product.
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}

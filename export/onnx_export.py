@@ -12,15 +12,13 @@ import onnx
 import torch
 
 from rotaq.export.graph_module import DecoderGraph, DecoderShape
-from rotaq.export.layout import ATTENTION_MASK, DATA_NAME, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
+from rotaq.export.layout import ATTENTION_MASK, DATA_NAME, EXTERNAL_DATA_THRESHOLD, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
 from rotaq.export.rewrite import rewrite_linears
 from rotaq.pipeline.errors import RotaqError
 
 # Example sizes for tracing: all distinct and >= 2, because torch.export specializes sizes 0 and 1
 # and would unify equal ones; the graph itself accepts any batch, sequence and past length (incl. 0).
 _EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 3, 5
-# Tensors below this many bytes stay inside model.onnx; the weights go to model.onnx.data.
-_EXTERNAL_DATA_THRESHOLD = 1024
 
 
 def example_inputs(shape: DecoderShape) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -49,7 +47,7 @@ def export_onnx(graph: DecoderGraph, folder: Path, opset: int = OPSET) -> Path:
     _name_axes(model, io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size))
     path = Path(folder) / GRAPH_NAME
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_NAME, size_threshold=_EXTERNAL_DATA_THRESHOLD)
+                    location=DATA_NAME, size_threshold=EXTERNAL_DATA_THRESHOLD)
     return path
 
 

@@ -16,14 +16,21 @@ from typing import Any
 
 import torch
 
-from rotaq.export.checks import check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime
+import onnx
+
+from rotaq.export.checks import (check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime,
+                                 graph_greedy_ids)
+from rotaq.export.fused_graph import FUSED_LAYOUT, LAYOUTS, TRACED_LAYOUT, build_fused_model, fused_layout_problem
+from rotaq.export.genai_folder import check_genai_loads, genai_available, genai_config, write_genai_config
 from rotaq.export.graph_module import DecoderGraph, ExportLinear
-from rotaq.export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
+from rotaq.export.layout import (DATA_NAME, EXPORT_FORMAT, EXTERNAL_DATA_THRESHOLD, GRAPH_NAME, MANIFEST_NAME, OPSET,
+                                 SESSION_CONFIG, io_spec)
 from rotaq.export.onnx_export import export_onnx
 from rotaq.export.quantized import emitters_for, quantized_weights
 from rotaq.export.runtime import OnnxDecoder
 from rotaq.export.side_path_cost import profiled_share, side_path_flops
 from rotaq.pipeline.artifacts import OUTPUT_MARKER, file_records, package_versions, refuse_output_over_input, staged_folder
+from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.loading import LoadedModel, load_model
 from rotaq.pipeline.options import setting
 
@@ -37,6 +44,10 @@ class ExportOptions:
     check_tokens: int = setting(32, "tokens per sequence of the export's logit checks", minimum=2)
     decode_steps: int = setting(4, "cached decode steps checked against prefill", minimum=1)
     seed: int = setting(0, "seed of the check sequences")
+    layout: str = setting(FUSED_LAYOUT, "graph layout: fused (onnxruntime-genai's fused operators: "
+                          "GroupQueryAttention, SkipSimplifiedLayerNormalization, packed projections) or traced "
+                          "(torch.onnx's trace of the export forward, which also takes left-padded batches)",
+                          choices=lambda: LAYOUTS)
 
 
 def check_token_ids(vocab_size: int, length: int, seed: int) -> torch.Tensor:
@@ -65,7 +76,7 @@ def run_export(options: ExportOptions) -> Path:
         tokens = check_token_ids(graph.shape.vocab_size, options.check_tokens, options.seed)
         checks: dict[str, Any] = {"tokens": list(tokens.shape), "decode_steps": options.decode_steps,
                                   "graph_vs_model": check_graph_matches_model(graph, loaded.model, tokens)}
-        manifest = write_onnx_folder(loaded, graph, tmp)
+        manifest = write_onnx_folder(loaded, graph, tmp, options.layout)
         check_onnx_file(tmp / GRAPH_NAME)
         if graph.quantized_linears():
             checks["quantized_layers_max_rel_error"] = check_quantized_layers(graph, tokens)
@@ -74,6 +85,10 @@ def run_export(options: ExportOptions) -> Path:
             manifest["side_paths"] = {**side_path_flops(graph), "profile": profiled_share(tmp)}
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp))
+        write_genai_config(tmp, genai_config(loaded.model.config, getattr(loaded.model, "generation_config", None),
+                                             loaded.tokenizer, manifest, share_buffer=manifest["layout"] == FUSED_LAYOUT))
+        if genai_available() and loaded.tokenizer is not None:
+            checks["genai"] = check_genai_generation(tmp, graph, tokens)
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"stage": "export"}) + "\n")
         manifest["checks"] = checks
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -82,15 +97,53 @@ def run_export(options: ExportOptions) -> Path:
     return Path(options.out)
 
 
-def write_onnx_folder(loaded: LoadedModel, graph: DecoderGraph, folder: Path) -> dict[str, Any]:
-    """model.onnx, model.onnx.data and a first export.json (no checks or hashes yet); returns the manifest."""
-    export_onnx(graph, folder)
-    manifest = export_manifest(loaded, graph)
+def write_onnx_folder(loaded: LoadedModel, graph: DecoderGraph, folder: Path,
+                      layout: str = FUSED_LAYOUT) -> dict[str, Any]:
+    """model.onnx, model.onnx.data and a first export.json (no checks or hashes yet); returns the manifest.
+    A graph the fused layout cannot express is traced instead, with the reason printed and recorded."""
+    if layout not in LAYOUTS:
+        raise RotaqError(f"unknown graph layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    reason = fused_layout_problem(graph) if layout == FUSED_LAYOUT else None
+    if reason:
+        print(f"rotaq export: the traced graph layout is used because {reason}")
+        layout = TRACED_LAYOUT
+    if layout == FUSED_LAYOUT:
+        model = build_fused_model(graph, context_length(loaded.model.config))
+        onnx.save_model(model, str(Path(folder) / GRAPH_NAME), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA_NAME, size_threshold=EXTERNAL_DATA_THRESHOLD)
+    else:
+        export_onnx(graph, folder)
+    manifest = export_manifest(loaded, graph, layout)
+    if reason:
+        manifest["layout_reason"] = reason
     _write_json(folder / MANIFEST_NAME, manifest)
     return manifest
 
 
-def export_manifest(loaded: LoadedModel, graph: DecoderGraph) -> dict[str, Any]:
+def context_length(config: Any) -> int:
+    """Positions the fused graph's RoPE caches cover: the model's own context length."""
+    return int(getattr(config, "max_position_embeddings", 0) or 4096)
+
+
+def check_genai_generation(folder: Path, graph: DecoderGraph, tokens: torch.Tensor, new_tokens: int = 4) -> dict[str, Any]:
+    """onnxruntime-genai opens the folder and greedy-generates; for a float graph its tokens must be the
+    PyTorch export forward's."""
+    prompt = tokens[0, :8].tolist()
+    genai = check_genai_loads(folder, prompt, new_tokens)
+    expected = graph_greedy_ids(graph, prompt, len(genai.greedy_tokens))
+    if not graph.quantized_linears() and genai.greedy_tokens != expected:
+        raise RotaqError(f"onnxruntime-genai generates {genai.greedy_tokens} where PyTorch generates {expected}; "
+                         "nothing was written")
+    result = {"loads": True, "greedy_tokens": genai.greedy_tokens, "pytorch_tokens": expected,
+              "same": genai.greedy_tokens == expected}
+    if genai.tokenizer_problem:
+        print(f"warning: onnxruntime-genai cannot read this tokenizer ({genai.tokenizer_problem}); the graph "
+              "runs, but genai's own text encoding does not")
+        result["tokenizer_problem"] = genai.tokenizer_problem
+    return result
+
+
+def export_manifest(loaded: LoadedModel, graph: DecoderGraph, layout: str = TRACED_LAYOUT) -> dict[str, Any]:
     """Everything a runtime or a reader needs to know about the graph, and where it came from."""
     shape = graph.shape
     return {
@@ -99,10 +152,14 @@ def export_manifest(loaded: LoadedModel, graph: DecoderGraph) -> dict[str, Any]:
         "graph": GRAPH_NAME,
         "external_data": DATA_NAME,
         "opset": OPSET,
-        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "layout": layout,
+        "exporter": (f"rotaq.export.fused_graph, onnx {onnx.__version__}" if layout == FUSED_LAYOUT
+                     else f"torch.onnx.export(dynamo=True), torch {torch.__version__}"),
         "session_config": SESSION_CONFIG,
         **io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size),
-        "position_ids": "computed in the graph: cumsum(attention_mask) - 1 (left padding is supported)",
+        "position_ids": ("GroupQueryAttention: a token's index in its row (rows unpadded or right-padded)"
+                         if layout == FUSED_LAYOUT else
+                         "computed in the graph: cumsum(attention_mask) - 1 (left padding is supported)"),
         "model_type": loaded.model.config.model_type,
         "num_layers": shape.num_layers,
         "num_attention_heads": shape.num_heads,

@@ -21,10 +21,12 @@ from rotaq.export.stage import write_onnx_folder
 from rotaq.pipeline.families import family_for_model
 from rotaq.pipeline.loading import LoadedModel
 from rotaq.rotations.rotate import RotationConfig, rotate_model
-from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
+from rotaq.export.fused_graph import FUSED_LAYOUT, TRACED_LAYOUT
+from rotaq.export.genai_folder import check_genai_loads, genai_config, write_genai_config
+from tests.tiny_models import FUSED_OVERRIDES, TINY_CONFIGS, random_tokens, tiny_model
 
-CASES = [(name, rotated) for name in sorted(TINY_CONFIGS) for rotated in (False, True)
-         if (name, rotated) != ("llama-tied", True)]
+CASES = [(name, rotated, layout) for layout in (FUSED_LAYOUT, TRACED_LAYOUT) for name in sorted(TINY_CONFIGS)
+         for rotated in (False, True) if (name, rotated, layout) != ("llama-tied", True, TRACED_LAYOUT)]
 
 
 @dataclass
@@ -33,21 +35,28 @@ class Exported:
     decoder: OnnxDecoder
 
 
-def export_tiny(model: torch.nn.Module, folder: Path) -> OnnxDecoder:
+def export_tiny(model: torch.nn.Module, folder: Path, layout: str = TRACED_LAYOUT) -> OnnxDecoder:
     """model → export forward → model.onnx + export.json, as the stage writes them (checks aside)."""
     family = family_for_model(model)
-    write_onnx_folder(LoadedModel(model, None, family, {"kind": "test"}), DecoderGraph(model, family), folder)
+    manifest = write_onnx_folder(LoadedModel(model, None, family, {"kind": "test"}), DecoderGraph(model, family),
+                                 folder, layout)
+    assert manifest["layout"] == layout, manifest.get("layout_reason")
     return OnnxDecoder(folder)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{'rotated' if r else 'plain'}" for n, r in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{'rotated' if r else 'plain'}-{layout}" for n, r, layout in CASES])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    name, rotated = request.param
-    # One layer keeps each dynamo export to seconds; the two-layer stage tests cover cache slots per layer.
-    model = tiny_model(name, num_hidden_layers=1)
+    name, rotated, layout = request.param
+    if layout == FUSED_LAYOUT:
+        # Built, not traced, so cheap: two layers (four for SmolLM3, whose 4th is a NoPE layer), the head
+        # size GroupQueryAttention needs and a sliding window shorter than the prompts.
+        model = tiny_model(name, num_hidden_layers=4 if name == "smollm3" else 2, overrides=FUSED_OVERRIDES[name])
+    else:
+        # One layer keeps each dynamo export to seconds; the two-layer stage tests cover cache slots per layer.
+        model = tiny_model(name, num_hidden_layers=1)
     if rotated:
         rotate_model(model, family_for_model(model), RotationConfig(seed=1))
-    return Exported(model, export_tiny(model, tmp_path_factory.mktemp(f"onnx-{name}")))
+    return Exported(model, export_tiny(model, tmp_path_factory.mktemp(f"onnx-{name}"), layout))
 
 
 def hf_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -90,6 +99,18 @@ def check_greedy_matches_hf_generate(model: torch.nn.Module, decoder: OnnxDecode
     assert list(generate_ids(decoder, prompt[0].tolist(), SamplingOptions(max_new_tokens=12))) == expected
 
 
+def check_genai_generates_like_the_decoder(model: torch.nn.Module, decoder: OnnxDecoder) -> None:
+    """With its genai_config.json, onnxruntime-genai opens the folder and greedy-generates the tokens the
+    ONNX Runtime loop generates."""
+    pytest.importorskip("onnxruntime_genai")
+    folder = decoder.layout.folder
+    share = decoder.layout.manifest["layout"] == FUSED_LAYOUT
+    write_genai_config(folder, genai_config(model.config, None, None, decoder.layout.manifest, share_buffer=share))
+    prompt = random_tokens(1, 6, seed=7)[0].tolist()
+    generated = check_genai_loads(folder, prompt, new_tokens=10).greedy_tokens
+    assert generated == list(generate_ids(decoder, prompt, SamplingOptions(max_new_tokens=10)))
+
+
 def test_graph_passes_checker_and_runtime_matches_pytorch(exported: Exported) -> None:
     check_runtime_matches_pytorch(exported.model, exported.decoder)
 
@@ -104,3 +125,15 @@ def test_left_padded_row_matches_its_unpadded_run(exported: Exported) -> None:
 
 def test_greedy_generation_matches_hf_generate(exported: Exported) -> None:
     check_greedy_matches_hf_generate(exported.model, exported.decoder)
+
+
+def test_onnxruntime_genai_generates_what_pytorch_generates(exported: Exported) -> None:
+    check_genai_generates_like_the_decoder(exported.model, exported.decoder)
+
+
+def test_fused_layout_covers_sliding_windows_and_nope_layers() -> None:
+    """The fused cases above include a window shorter than the prompts and a layer without RoPE."""
+    assert tiny_model("mistral", num_hidden_layers=1, overrides=FUSED_OVERRIDES["mistral"]).config.sliding_window == 6
+    smollm3 = tiny_model("smollm3", num_hidden_layers=4, overrides=FUSED_OVERRIDES["smollm3"])
+    graph = DecoderGraph(smollm3, family_for_model(smollm3))
+    assert [layer.attn.use_rope for layer in graph.layers].count(False) >= 1

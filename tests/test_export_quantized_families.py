@@ -22,24 +22,31 @@ from rotaq.pipeline.loading import LoadedModel
 from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
 from rotaq.quantizers.schemes import parse_scheme
 from rotaq.rotations.rotate import RotationConfig, rotate_model
-from tests.tiny_models import TINY_CONFIGS, random_tokens, tiny_model
+from rotaq.export.fused_graph import FUSED_LAYOUT, TRACED_LAYOUT
+from tests.test_export_families import check_genai_generates_like_the_decoder
+from tests.tiny_models import FUSED_OVERRIDES, TINY_CONFIGS, random_tokens, tiny_model
 
 # Tiny widths (36-64) are not multiples of 32: w4a16-g32 has a ragged last group.
 SCHEMES = ("w8a8", "w4a8", "w4a16-g32", "w4a4")
-CASES = [(family, scheme) for family in sorted(TINY_CONFIGS) for scheme in SCHEMES]
+# The traced layout on the tiny widths as they are; the fused layout (onnxruntime-genai's operators) on
+# the same families with the head size GroupQueryAttention needs.
+CASES = [(family, scheme, layout) for layout in (FUSED_LAYOUT, TRACED_LAYOUT) for family in sorted(TINY_CONFIGS)
+         for scheme in SCHEMES]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}-{layout}" for f, s, layout in CASES])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    name, scheme_name = request.param
-    model = tiny_model(name, num_hidden_layers=1)
+    name, scheme_name, layout = request.param
+    overrides = FUSED_OVERRIDES[name] if layout == FUSED_LAYOUT else None
+    model = tiny_model(name, num_hidden_layers=1, overrides=overrides)
     family = family_for_model(model)
     rotate_model(model, family, RotationConfig(seed=1))
     scheme = dataclasses.replace(parse_scheme(scheme_name), ragged_groups=True)
     codes, specs = quantize_model(model, family, QuantizeSettings(scheme=scheme, weights="rtn", progress=False), None)
     graph = DecoderGraph(model, family, emitters_for(codes, specs, model))
     folder = tmp_path_factory.mktemp(f"onnx-{name}-{scheme_name}")
-    write_onnx_folder(LoadedModel(model, None, family, {"kind": "test"}), graph, folder)
+    manifest = write_onnx_folder(LoadedModel(model, None, family, {"kind": "test"}), graph, folder, layout)
+    assert manifest["layout"] == layout, manifest.get("layout_reason")
     return model, OnnxDecoder(folder)
 
 
@@ -62,7 +69,16 @@ def test_quantized_prefill_then_decode_equals_one_long_prefill(exported) -> None
     _, decoder = exported
     tokens = random_tokens(2, 16, seed=3).numpy()
     full = decoder.logits(tokens)
-    assert max_relative_error(decode_logits(decoder, tokens, steps=5), full[:, -5:]) < 1e-4
+    assert max_relative_error(decode_logits(decoder, tokens, steps=5), full[:, -5:]) < _decode_tolerance(decoder)
+
+
+def _decode_tolerance(decoder: OnnxDecoder) -> float:
+    """1e-4; in the fused layout, 8-bit MatMulNBits at accuracy level 4 runs M=1 (decode) and M>1 (prefill)
+    through different MLAS int8 paths whose float32 correction term cancels, the 1e-3 bound the
+    emitter documents (`MatMulNBitsLinear.check_tolerance`; measured 1.4e-4 on qwen2-bias w8a8)."""
+    linears = decoder.layout.manifest["linears"].values()
+    eight_bit_level_4 = any(e.get("weight_bits") == 8 and e.get("accuracy_level") == 4 for e in linears)
+    return 1e-3 if eight_bit_level_4 and decoder.layout.manifest["layout"] == FUSED_LAYOUT else 1e-4
 
 
 def test_quantized_greedy_generation_matches_pytorch(exported) -> None:
@@ -73,3 +89,10 @@ def test_quantized_greedy_generation_matches_pytorch(exported) -> None:
                                   do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
     produced = list(generate_ids(decoder, prompt[0].tolist(), SamplingOptions(max_new_tokens=10)))
     assert produced == expected
+
+
+def test_quantized_graph_runs_in_onnxruntime_genai(exported) -> None:
+    """genai opens the folder and its greedy tokens are the ONNX Runtime loop's (per-layer numerics are
+    checked against PyTorch above)."""
+    model, decoder = exported
+    check_genai_generates_like_the_decoder(model, decoder)

@@ -82,7 +82,9 @@ def test_quantized_folder_exports_with_its_integer_kernels(rotated_folder: Path,
     assert manifest["checks"]["quantized_layers_max_rel_error"] < 1e-3
     assert manifest["checks"]["ort_vs_torch"]["top1_agreement"] > 0.9
     graph = onnx.load(str(tmp_path / "onnx" / GRAPH_NAME), load_external_data=False)
-    assert {"DequantizeLinear", "MatMulNBits"} <= {node.op_type for node in graph.graph.node}
+    # Per-token 4-bit activations in float ops (Round), 4-bit weights in MatMulNBits, the fused attention.
+    assert {"Round", "MatMulNBits", "GroupQueryAttention"} <= {node.op_type for node in graph.graph.node}
+    assert manifest["layout"] == "fused"
     # The (untied, rotated) embedding table is stored as its int8 codes, looked up and scaled per row.
     int8_tables = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8
                    and list(t.dims) == [manifest["vocab_size"], manifest["hidden_size"]]]

@@ -27,18 +27,26 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_config(name: str, num_hidden_layers: int = 2):
-    values = dict(TINY_CONFIGS[name])
+# What the fused graph layout needs on top (GroupQueryAttention's rotary kernel takes head_dim % 16 == 0),
+# and a sliding window shorter than the test prompts; widths stay non-power-of-two.
+FUSED_OVERRIDES: dict[str, dict] = {
+    name: {**({} if values.get("head_dim", values["hidden_size"] // values["num_attention_heads"]) % 16 == 0
+              else {"head_dim": 16}), **({"sliding_window": 6} if name == "mistral" else {})}
+    for name, values in TINY_CONFIGS.items()}
+
+
+def tiny_config(name: str, num_hidden_layers: int = 2, overrides: dict | None = None):
+    values = {**TINY_CONFIGS[name], **(overrides or {})}
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, num_hidden_layers=num_hidden_layers,
                                 max_position_embeddings=256, pad_token_id=0,
                                 bos_token_id=1, eos_token_id=2, **values)
 
 
-def tiny_model(name: str, seed: int = 0, num_hidden_layers: int = 2) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, num_hidden_layers: int = 2, overrides: dict | None = None) -> torch.nn.Module:
     """A float32 random model whose norm weights and biases are far from their trivial init."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(name, num_hidden_layers), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, num_hidden_layers, overrides), dtype=torch.float32)
     with torch.no_grad():
         for module_name, parameter in model.named_parameters():
             if "norm" in module_name:

@@ -30,6 +30,8 @@ METRICS: dict[str, Metric] = {
     "top1_agreement": Metric("Top-1 agreement", ".1%"),
     "decode_tokens_per_s": Metric("Decode tok/s", ".1f"),
     "decode_speedup": Metric("Decode × fp32", ".2f"),
+    "decode_vs_peer": Metric("Decode × peer", ".2f"),
+    "prefill_vs_peer_512": Metric("Prefill 512 × peer", ".2f"),
     "decode_spread_pct": Metric("Decode spread (%)", ".1f"),
     "prefill_tokens": Metric("Prefill tokens", "d"),
     "prefill_ms": Metric("Prefill (ms)", ".1f"),

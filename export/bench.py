@@ -25,6 +25,7 @@ from rotaq.pipeline.progress import progress_bar
 
 from rotaq.eval.tables import markdown_table, write_table
 from rotaq.export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
+from rotaq.export.genai_folder import GENAI_CONFIG
 from rotaq.export.layout import ExportLayout, read_layout
 from rotaq.export.runtime import CPU, CUDA
 from rotaq.pipeline.atomic import atomic_write, write_json_atomic
@@ -38,7 +39,9 @@ REFERENCE_FOLDER = "reference-fp32"
 PEERS = ("genai",)
 COLUMNS = ["model", "scheme", "runtime", "kernels", "prefill_ms_128", "prefill_ms_512", "decode_tokens_per_s",
            "file_mb", "peak_rss_mb", "perplexity", "kl_divergence", "top1_agreement", "prefill_speedup_128",
-           "prefill_speedup_512", "decode_speedup", "size_ratio"]
+           "prefill_speedup_512", "decode_speedup", "decode_vs_peer", "prefill_vs_peer_512", "size_ratio"]
+# The builder graph at the same weight precision, for the "× peer" columns.
+PEER_FOR_WEIGHT_BITS = {4: "genai int4", 8: "genai int8", 32: "genai fp32"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,11 @@ class BenchOptions:
     cuda: bool = setting(True, "also time on CUDA when onnxruntime-gpu and a GPU are present")
     evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
     perplexity: bool = setting(True, "measure the graphs' perplexity on held-out text")
-    peers: tuple[str, ...] = setting((), "also build and time onnxruntime-genai's int4/int8 builder graphs of the "
+    genai: bool = setting(True, "also time each export through onnxruntime-genai's Generator, the loop the peer "
+                          "is timed with (when onnxruntime-genai is installed)")
+    profile: bool = setting(False, "profile one decode step of the first 4-bit export and of the builder's int4 "
+                            "graph with ONNX Runtime's profiler: profile.md with the time per operator type")
+    peers: tuple[str, ...] = setting((), "also build and time onnxruntime-genai's int4/int8/fp32 builder graphs of the "
                                      "source model in the same bench: genai (needs the 'peer' extra)",
                                      choices=lambda: PEERS, flag="--peer", old_names=("peer",))
     progress: bool = True
@@ -110,9 +117,11 @@ class Target:
         if self.spec.provider != CPU or self.spec.kind == EAGER:
             return None
         if self.spec.kind == GENAI:
+            if self.layout is not None:  # a rotaq export: the same graph is scored on its ONNX Runtime row
+                return None
             from rotaq.export.peer_genai import GenaiTimed
 
-            return GenaiTimed(self.spec.path).logits
+            return GenaiTimed(self.spec.path, self.spec.threads).logits
         from rotaq.export.runtime import OnnxDecoder
 
         return OnnxDecoder(Path(self.spec.path), threads=self.spec.threads).logits
@@ -213,6 +222,10 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
     if options.eager:
         targets.insert(1, Target(_label(reference), TargetSpec(EAGER, float_parent(reference), threads), None,
                                  {"scheme": "fp32", "kernels": "PyTorch eager (transformers)"}))
+    if options.genai and genai_runtime_available():
+        # Each export also through onnxruntime-genai's Generator, the loop the peer is timed with.
+        targets += [Target(t.label, TargetSpec(GENAI, t.spec.path, threads), t.layout, dict(t.description))
+                    for t in list(targets) if t.spec.kind == ONNX and (t.layout.folder / GENAI_CONFIG).is_file()]
     if "genai" in options.peers:
         targets += genai_targets(reference, Path(options.out), threads)
     import onnxruntime as ort
@@ -225,8 +238,14 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
     return targets, notes
 
 
+def genai_runtime_available() -> bool:
+    from rotaq.export.genai_folder import genai_available
+
+    return genai_available()
+
+
 def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Target]:
-    """onnxruntime-genai builder graphs (int4 and int8, CPU defaults) of the original float model."""
+    """onnxruntime-genai builder graphs (int4, int8 and fp32, CPU defaults) of the original float model."""
     from rotaq.export.peer_genai import PRECISIONS, build_peer, graph_files_mb, original_float_model
 
     model = original_float_model(reference.manifest.get("model_source") or {})
@@ -235,7 +254,8 @@ def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Targ
         folder = build_peer(model, precision, out / f"peer-genai-{precision}", out, threads)
         targets.append(Target(folder.name, TargetSpec(GENAI, str(folder), threads), None,
                               {"scheme": f"genai {precision}", "file_mb": graph_files_mb(folder),
-                               "kernels": "GroupQueryAttention, MatMulNBits block 32 acc4 (builder defaults)"}))
+                               "kernels": ("GroupQueryAttention, float32 MatMul" if precision == "fp32" else
+                                           "GroupQueryAttention, MatMulNBits block 32 acc4 (builder defaults)")}))
     return targets
 
 
@@ -405,6 +425,41 @@ def add_ratios(rows: list[dict[str, Any]], targets: list[Target]) -> None:
             row["size_ratio"] = row["file_mb"] / base_mb
 
 
+def copy_graph_accuracy(rows: list[dict[str, Any]]) -> None:
+    """A rotaq export's genai row runs the graph its ONNX Runtime row scored: the same numbers."""
+    scored = {row.get("graph_sha256"): row for row in rows if row.get("perplexity") is not None and row.get("graph_sha256")}
+    for row in rows:
+        source = scored.get(row.get("graph_sha256"))
+        if row.get("perplexity") is None and source is not None:
+            row.update({key: source[key] for key in ("perplexity", "eval_tokens", "kl_divergence", "top1_agreement")
+                        if key in source})
+
+
+def weight_bits_of(scheme: str) -> int | None:
+    """4 for w4a*, 8 for w8a*, 32 for fp32 (`scheme_label`'s first word); None for the peer's own rows."""
+    scheme = scheme.split(" ")[0]
+    if scheme == "fp32":
+        return 32
+    if scheme.startswith("w") and scheme[1:2].isdigit():
+        return int(scheme[1])
+    return None
+
+
+def add_peer_ratios(rows: list[dict[str, Any]], targets: list[Target]) -> None:
+    """"Decode × peer": a row's speed over the builder graph at the same weight precision (W4* against
+    int4, W8A8 against int8, fp32 against fp32), the median of per-round paired ratios like every ratio
+    here; prefill 512 the same. > 1 is faster than the peer."""
+    peers = {t.description.get("scheme"): t for t in targets if t.layout is None and t.spec.kind == GENAI}
+    for row, target in zip(rows, targets, strict=True):
+        peer = peers.get(PEER_FOR_WEIGHT_BITS.get(weight_bits_of(str(row.get("scheme", ""))) or 0))
+        if peer is None or target.layout is None:
+            continue
+        row["decode_vs_peer"] = statistics.median(round_speedups(peer.samples["decode"], target.samples["decode"]))
+        if "prefill_512" in target.samples:
+            row["prefill_vs_peer_512"] = statistics.median(round_speedups(peer.samples["prefill_512"],
+                                                                          target.samples["prefill_512"]))
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -465,12 +520,33 @@ def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = 
     if windows is not None:
         for row, target in zip(rows, targets, strict=True):
             row.update(accuracy_fields(target, reference, reference_fn, windows, options.progress))
+        copy_graph_accuracy(rows)
     if any("qdq" in str(row.get("kernels")) for row in rows):
         notes["qdq"] = ("rows with qdq kernels (W4A4, per-token W4A8) run as DequantizeLinear + float MatMul with "
                         "activation fake-quant ops: exact numerics, but ONNX Runtime has no W4A4 CPU kernel, so "
                         "their speed needs one; their size and accuracy are what a W4A4 kernel would deliver")
+    if options.profile:
+        notes["profile"] = profile_graphs(targets, options, threads)
     write_bench_files(rows, meta, Path(options.out))
     return rows, meta
+
+
+def profile_graphs(targets: list[Target], options: BenchOptions, threads: int) -> str:
+    """`--profile`: one decode step of the first 4-bit export and of the builder's int4 graph, per
+    operator type (`rotaq.export.bench_profile`); returns where the table was written, or why not."""
+    from rotaq.export.bench_profile import profile_decode_step, write_profile
+
+    own = next((t for t in targets if t.spec.kind == ONNX and t.layout is not None
+                and weight_bits_of(str(t.description.get("scheme", ""))) == 4), None)
+    peer = next((t for t in targets if t.layout is None and t.description.get("scheme") == "genai int4"), None)
+    chosen = [t for t in (own, peer) if t is not None]
+    if not chosen:
+        return "skipped: no 4-bit export and no genai int4 peer among the models"
+    steps = 20
+    profiles = {t.label: profile_decode_step(Path(t.spec.path), threads, options.cached_tokens, steps) for t in chosen}
+    path = write_profile(profiles, Path(options.out), {"cached_tokens": options.cached_tokens, "steps": steps,
+                                                         "threads": threads})
+    return f"decode-step profile per operator type in {path.name}"
 
 
 def timing_rows(targets: list[Target], options: BenchOptions, machine: dict[str, Any], notes: dict[str, Any]
@@ -485,6 +561,7 @@ def timing_rows(targets: list[Target], options: BenchOptions, machine: dict[str,
                      "baseline_rss_mb": target.info["baseline_rss_mb"],
                      "threads": machine["threads"], **options.extra_fields})
     add_ratios(rows, targets)
+    add_peer_ratios(rows, targets)
     speedups = {}
     for target in targets:
         base = reference_for(target, targets)

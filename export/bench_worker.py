@@ -96,7 +96,7 @@ def load_target(spec: TargetSpec) -> Timed:
     if spec.kind == GENAI:
         from rotaq.export.peer_genai import GenaiTimed
 
-        return GenaiTimed(spec.path)
+        return GenaiTimed(spec.path, spec.threads)
     return OnnxTimed(spec)
 
 

@@ -41,11 +41,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                               top_p=args.top_p, seed=args.seed)
     write(args.prompt)
     result = generate_text(Path(args.folder), args.prompt, options, on_text=write, threads=args.threads,
-                           verify=args.verify)
+                           verify=args.verify, runtime=args.runtime)
     write("\n")
     rate = len(result.token_ids) / result.seconds if result.seconds > 0 else float("inf")
-    print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens, {rate:.1f} tokens/s]",
-          file=sys.stderr)
+    print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} new tokens, {rate:.1f} tokens/s, "
+          f"{result.runtime}]", file=sys.stderr)
     return 0
 
 
@@ -58,7 +58,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         models=tuple(args.folders), out=Path(args.out), reference=args.reference,
         prompt_lengths=tuple(int(n) for n in args.prompt_lengths.split(",")), cached_tokens=args.cached_tokens,
         decode_tokens=args.decode_tokens, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-        eager=not args.no_eager, cuda=not args.no_cuda, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
+        eager=not args.no_eager, cuda=not args.no_cuda, genai=not args.no_genai, profile=args.profile, perplexity=args.eval_tokens > 0, peers=tuple(args.peer),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=max(args.eval_tokens, 2)))
     gate = baseline = more_rounds = None
     from rotaq.export.bench_gate import check_baseline_target, check_bench_outputs
@@ -139,6 +139,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    generate.add_argument("--runtime", default="auto", choices=["auto", "genai", "onnxruntime"],
+                          help="auto (default): onnxruntime-genai's Generator when it is installed, else the plain "
+                               "ONNX Runtime loop")
     generate.set_defaults(handler=_cmd_generate)
 
     bench = commands.add_parser("bench", help="benchmark: prefill latency, decode tokens/s, size, memory and "
@@ -172,9 +175,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--force", action="store_true",
                        help="let --out, --json and --save-baseline replace files that are not an earlier bench's")
     bench.add_argument("--peer", action="append", default=[], choices=["genai"],
-                       help="also build and time onnxruntime-genai's int4/int8 graphs of the same float model "
+                       help="also build and time onnxruntime-genai's int4/int8/fp32 graphs of the same float model "
                             "(needs the 'peer' extra)")
     bench.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager float32 row")
+    bench.add_argument("--no-genai", action="store_true",
+                       help="skip timing the exports through onnxruntime-genai's Generator (default: when installed)")
+    bench.add_argument("--profile", action="store_true",
+                       help="profile one decode step of the first 4-bit export and of the builder's int4 graph "
+                            "(ONNX Runtime's profiler): OUT/profile.md, time per operator type side by side")
     bench.add_argument("--no-cuda", action="store_true", help="skip CUDA rows even when a GPU is present")
     bench.add_argument("--data", default=None, help="evaluation text (default Shakespeare's held-out split)")
     bench.add_argument("--seq-len", type=int, default=512)

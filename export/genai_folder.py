@@ -13,6 +13,7 @@ must not depend on `rotaq.export.layout.SESSION_CONFIG`: every kernel states its
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,42 @@ def check_genai_loads(folder: Path, prompt_ids: list[int], new_tokens: int = 4) 
     except Exception as exc:
         problem = first_line(exc)
     return GenaiCheck(generated, problem)
+
+
+def open_genai_model(folder: Path, threads: int | None = None) -> Any:
+    """onnxruntime-genai's Model for an export or builder folder; `threads` as an overlay on its config, so
+    the folder's files (which export.json hashes) are not edited."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config)
+
+
+def genai_generate_ids(folder: Path, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                       seed: int, vocab_size: int, threads: int | None = None) -> Iterator[int]:
+    """New token ids from onnxruntime-genai's Generator, as they are produced (it stops at end of sequence).
+    Sampling keeps rotaq's meaning: temperature 0 is greedy, top_p the nucleus mass, no top-k cut."""
+    import onnxruntime_genai as og
+
+    if not prompt_ids:
+        raise RotaqError("the prompt is empty after tokenization")
+    model = open_genai_model(folder, threads)
+    params = og.GeneratorParams(model)
+    search: dict[str, Any] = {"max_length": len(prompt_ids) + max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        search.update(temperature=temperature, top_p=top_p, top_k=vocab_size, random_seed=seed)
+    params.set_search_options(**search)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))  # the prefill runs here, before timing
+
+    def new_tokens() -> Iterator[int]:
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+    return new_tokens()
 
 
 def _generation_value(generation_config: Any, key: str, default: Any) -> Any:

@@ -43,6 +43,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     seconds: float
+    runtime: str = "onnxruntime"
 
 
 def choose_next_token(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator) -> int:
@@ -91,20 +92,55 @@ def load_tokenizer(folder: Path):  # -> tokenizers.Tokenizer
     return Tokenizer.from_file(str(path))
 
 
+RUNTIMES = ("auto", "genai", "onnxruntime")
+
+
+def generation_runtime(folder: Path, runtime: str) -> str:
+    """genai when asked, or (auto) when onnxruntime-genai is installed and the folder has its config; else
+    the plain ONNX Runtime loop."""
+    from rotaq.export.genai_folder import GENAI_CONFIG, genai_available
+
+    if runtime not in RUNTIMES:
+        raise RotaqError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    usable = genai_available() and (Path(folder) / GENAI_CONFIG).is_file()
+    if runtime == "genai" and not usable:
+        raise RotaqError(f"--runtime genai needs onnxruntime-genai (pip install 'rotaq[peer]') and "
+                         f"{Path(folder) / GENAI_CONFIG} (export again to write it)")
+    return "genai" if runtime == "genai" or (runtime == "auto" and usable) else "onnxruntime"
+
+
 def generate_text(folder: Path, prompt: str, options: SamplingOptions,
                   on_text: Callable[[str], None] | None = None, threads: int | None = None,
-                  verify: bool = False) -> GenerationResult:
-    """Generate from `prompt`, passing each newly decoded piece of text to `on_text` as it appears. The graph
-    files are checked against export.json first (sizes; SHA-256 with `verify`)."""
-    decoder = OnnxDecoder(folder, threads=threads, verify=verify)
+                  verify: bool = False, runtime: str = "auto") -> GenerationResult:
+    """Generate from `prompt`, passing each newly decoded piece of text to `on_text` as it appears, through
+    onnxruntime-genai's Generator or the plain ONNX Runtime loop (`generation_runtime`). The graph files
+    are checked against export.json first (sizes; SHA-256 with `verify`)."""
+    from rotaq.export.layout import read_layout
+
+    layout = read_layout(folder)  # first: a folder that is not an export says so
+    chosen = generation_runtime(folder, runtime)
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenizer.encode(prompt).ids
+    if chosen == "genai":
+        layout.verify_graph(full=verify)
+        from rotaq.export.genai_folder import genai_generate_ids
+
+        tokens = genai_generate_ids(folder, prompt_ids, options.max_new_tokens, options.temperature, options.top_p,
+                                    options.seed, layout.vocab_size, threads)
+    else:
+        tokens = generate_ids(OnnxDecoder(folder, threads=threads, verify=verify), prompt_ids, options)
+    return _stream_text(tokenizer, prompt_ids, tokens, on_text, chosen)
+
+
+def _stream_text(tokenizer: object, prompt_ids: list[int], tokens: Iterator[int],
+                 on_text: Callable[[str], None] | None, runtime: str) -> GenerationResult:
+    """Decode `tokens` as they arrive, passing each new piece of text to `on_text`."""
     # Decoding prompt + new tokens (not the new ones alone) keeps word boundaries and leading spaces.
     prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     start = time.perf_counter()
     new_ids: list[int] = []
     shown = 0
-    for token in generate_ids(decoder, prompt_ids, options):
+    for token in tokens:
         new_ids.append(token)
         text = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)[len(prompt_text):]
         # A multi-byte character split across tokens decodes as U+FFFD until its last byte arrives.
@@ -115,4 +151,4 @@ def generate_text(folder: Path, prompt: str, options: SamplingOptions,
     if on_text is not None and len(text) > shown:
         on_text(text[shown:])
     return GenerationResult(text=text, token_ids=new_ids, prompt_tokens=len(prompt_ids),
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, runtime=runtime)

@@ -1,8 +1,8 @@
-"""The peer a user would otherwise pick: ONNX Runtime GenAI's model builder (int4 / int8, CPU).
+"""The peer a user would otherwise pick: ONNX Runtime GenAI's model builder (int4 / int8 / fp32, CPU).
 
 `rotaq bench --peer genai` builds its graphs from the same float model (fused GroupQueryAttention,
 SkipSimplifiedLayerNormalization, MatMulNBits with block 32 and accuracy_level 4, as
-`python -m onnxruntime_genai.models.builder -p int4|int8 -e cpu` makes them), then times them through
+`python -m onnxruntime_genai.models.builder -p int4|int8|fp32 -e cpu` makes them), then times them through
 the onnxruntime-genai Generator API and scores them on the same text. The builder is run as the
 command users run; rotaq only prepares a Hugging Face folder for it (a GGUF source is written out
 as float safetensors first, since the builder reads only float GGUF files).
@@ -20,7 +20,7 @@ import numpy as np
 
 from rotaq.pipeline.errors import RotaqError
 
-PRECISIONS = ("int4", "int8")
+PRECISIONS = ("int4", "int8", "fp32")
 CONFIG_NAME = "genai_config.json"
 MARKER_NAME = ".rotaq-peer.json"
 
@@ -99,9 +99,11 @@ def graph_files_mb(folder: Path) -> float:
 class GenaiTimed:
     """Prefill and decode through onnxruntime-genai's Generator, as a GenAI user runs the model."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, threads: int | None = None) -> None:
+        from rotaq.export.genai_folder import open_genai_model
+
         self.og = require_genai()
-        self.model = self.og.Model(folder)
+        self.model = open_genai_model(Path(folder), threads)
         self.vocab_size = json.loads((Path(folder) / CONFIG_NAME).read_text())["model"]["vocab_size"]
 
     def _generator(self, max_length: int) -> Any:

@@ -35,7 +35,7 @@ def _options(models: tuple[Path, ...], out: Path, text: Path, **overrides) -> Be
 
 
 def test_bench_times_and_scores_every_target(exports: dict[str, Path], tiny_text_file: Path, tmp_path: Path) -> None:
-    rows = run_bench(_options((exports["w4a8"], exports["fp32"]), tmp_path / "bench", tiny_text_file))
+    rows = run_bench(_options((exports["w4a8"], exports["fp32"]), tmp_path / "bench", tiny_text_file, genai=False))
     by_runtime = {(row["model"], row["runtime"]): row for row in rows}
     assert list(by_runtime) == [("fp32-onnx", "onnxruntime-cpu"), ("fp32-onnx", "pytorch-eager"),
                                 ("w4a8-onnx", "onnxruntime-cpu")]
@@ -59,7 +59,7 @@ def test_bench_times_and_scores_every_target(exports: dict[str, Path], tiny_text
 def test_bench_exports_the_float_parent_when_no_reference_is_given(
         exports: dict[str, Path], tiny_text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    rows = run_bench(_options((exports["w4a8"],), out, tiny_text_file, eager=False, perplexity=False))
+    rows = run_bench(_options((exports["w4a8"],), out, tiny_text_file, eager=False, perplexity=False, genai=False))
     assert [row["model"] for row in rows] == ["reference-fp32", "w4a8-onnx"]
     assert read_layout(out / "reference-fp32").manifest["model_source"]["path"] == str(
         read_layout(exports["w4a8"]).manifest["model_source"]["origin"]["path"])
@@ -87,12 +87,27 @@ def test_bench_builds_and_times_the_genai_peer(exports: dict[str, Path], tiny_te
     """The peer's graphs come from the same float model (the rotated lineage's origin) and are
     timed and scored in the same run as rotaq's."""
     pytest.importorskip("onnxruntime_genai")
-    rows = run_bench(_options((exports["fp32"],), tmp_path / "bench", tiny_text_file, eager=False, peers=("genai",)))
+    rows = run_bench(_options((exports["fp32"], exports["w4a8"]), tmp_path / "bench", tiny_text_file, eager=False,
+                              peers=("genai",), profile=True))
     peers = {row["model"]: row for row in rows if row["runtime"] == "onnxruntime-genai"}
-    assert set(peers) == {"peer-genai-int4", "peer-genai-int8"}
+    assert set(peers) == {"fp32-onnx", "w4a8-onnx", "peer-genai-int4", "peer-genai-int8", "peer-genai-fp32"}
+    own = peers.pop("fp32-onnx")  # rotaq's exports through the peer's Generator loop
+    assert peers.pop("w4a8-onnx")["decode_vs_peer"] > 0  # against genai int4
     for row in peers.values():
         assert row["decode_tokens_per_s"] > 0 and row["file_mb"] > 0 and row["perplexity"] > 1
-        assert row["kl_divergence"] > 0 and 0 < row["top1_agreement"] <= 1 and row["decode_speedup"] > 0
+        assert row["decode_speedup"] > 0
+    for name in ("peer-genai-int4", "peer-genai-int8"):
+        assert peers[name]["kl_divergence"] > 0 and 0 < peers[name]["top1_agreement"] <= 1
+    # The same float model in the builder's fp32 graph and in rotaq's rotated one: the same function.
+    assert abs(peers["peer-genai-fp32"]["perplexity"] / own["perplexity"] - 1) < 1e-3
+    plain = next(row for row in rows if row["model"] == "fp32-onnx" and row["runtime"] == "onnxruntime-cpu")
+    assert own["perplexity"] == plain["perplexity"] and own["graph_sha256"] == plain["graph_sha256"]
+    # "× peer": rotaq's rows against the builder graph at the same weight precision (fp32 here).
+    assert own["decode_vs_peer"] > 0 and plain["decode_vs_peer"] > 0 and "decode_vs_peer" not in peers["peer-genai-int4"]
+    # --profile: one decode step of rotaq's 4-bit graph and the builder's int4 graph, per operator type.
+    profile = (tmp_path / "bench" / "profile.md").read_text()
+    assert "w4a8-onnx ms" in profile and "peer-genai-int4 ms" in profile
+    assert "| GroupQueryAttention |" in profile and "| MatMulNBits |" in profile
     with pytest.raises(RotaqError, match="unknown peer"):
         _options((exports["fp32"],), tmp_path / "b", tiny_text_file, peers=("vllm",))
 

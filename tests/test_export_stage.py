@@ -120,3 +120,30 @@ def test_export_refuses_a_folder_it_did_not_write(rotated_folder: Path, tmp_path
     with pytest.raises(RotaqError, match="refusing to overwrite"):
         run_export(ExportOptions(model=str(rotated_folder), out=tmp_path))
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_generate_runs_through_onnxruntime_genai_like_the_plain_loop(exported_folder: Path) -> None:
+    """Greedy tokens are the same on both runtimes; genai's seeded sampling repeats itself."""
+    pytest.importorskip("onnxruntime_genai")
+    from rotaq.export.generate import SamplingOptions, generate_text
+
+    greedy = SamplingOptions(max_new_tokens=8)
+    through_genai = generate_text(exported_folder, "w5 w6 w7", greedy)  # auto: genai is installed
+    plain = generate_text(exported_folder, "w5 w6 w7", greedy, runtime="onnxruntime")
+    assert through_genai.runtime == "genai" and plain.runtime == "onnxruntime"
+    assert through_genai.token_ids == plain.token_ids and through_genai.text == plain.text
+    sampled = SamplingOptions(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    first, again = (generate_text(exported_folder, "w5 w6 w7", sampled, runtime="genai") for _ in range(2))
+    assert first.token_ids == again.token_ids
+
+
+def test_generate_through_genai_needs_its_config(exported_folder: Path, tmp_path: Path) -> None:
+    from rotaq.export.genai_folder import GENAI_CONFIG
+    from rotaq.export.generate import SamplingOptions, generate_text
+
+    copy = tmp_path / "no-genai"
+    shutil.copytree(exported_folder, copy)
+    (copy / GENAI_CONFIG).unlink()
+    with pytest.raises(RotaqError, match="genai_config.json"):
+        generate_text(copy, "w5", SamplingOptions(max_new_tokens=2), runtime="genai")
+    assert generate_text(copy, "w5", SamplingOptions(max_new_tokens=2)).runtime == "onnxruntime"

@@ -110,6 +110,7 @@ class _FusedBuilder:
         self.b = NodeBuilder("model", self.emission)
         self.embed_table = ""  # the float embedding initializer, which a tied head reads too
         self.padding_bias = ""
+        self.shared_downs: dict[int, str] = {}
 
     def at(self, prefix: str) -> NodeBuilder:
         return NodeBuilder(prefix, self.emission)
@@ -245,7 +246,10 @@ class _FusedBuilder:
         return self._projections(b, [mlp.down_proj], b.node("Mul", [activated, up], "gated"), "down_proj")[0]
 
     def _side_path(self, b: NodeBuilder, path: torch.nn.Module, path_input: str, pending: str) -> str:
-        down = b.node("MatMul", [path_input, b.constant("down_t", _array(path.down_t))], "down")
+        # Paths sharing one A share its initializer, as in the traced graph.
+        if id(path.down_t) not in self.shared_downs:
+            self.shared_downs[id(path.down_t)] = b.constant("down_t", _array(path.down_t))
+        down = b.node("MatMul", [path_input, self.shared_downs[id(path.down_t)]], "down")
         return b.node("Add", [pending, b.node("MatMul", [down, b.constant("up_t", _array(path.up_t))], "up")], "added")
 
     def _lm_head(self, x: str) -> None:

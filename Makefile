@@ -38,7 +38,8 @@ accuracy: install
 	$(VENV)/bin/rotaq accuracy-table --out runs/accuracy --max-tokens 8192 --calib-tokens 8192
 
 # bench: GPTQ-quantize the rotated model to each scheme, export, then time everything in one run
-# beside float32 ONNX, PyTorch eager and onnxruntime-genai's builder graphs.
+# beside float32 ONNX, PyTorch eager and onnxruntime-genai's builder graphs (int4, int8, fp32), each rotaq
+# export both in ONNX Runtime and in genai's Generator; profile.md: one decode step per operator type.
 bench: install
 	test -d $(BENCH)/rotated || $(VENV)/bin/rotaq rotate --out $(BENCH)/rotated
 	for s in $(SCHEMES); do \
@@ -47,7 +48,7 @@ bench: install
 	  test -d $(BENCH)/$$s-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/$$s --out $(BENCH)/$$s-onnx || exit 1; \
 	done
 	test -d $(BENCH)/fp32-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/rotated --out $(BENCH)/fp32-onnx
-	$(VENV)/bin/rotaq bench $(BENCH)/fp32-onnx $(foreach s,$(SCHEMES),$(BENCH)/$(s)-onnx) --peer genai \
+	$(VENV)/bin/rotaq bench $(BENCH)/fp32-onnx $(foreach s,$(SCHEMES),$(BENCH)/$(s)-onnx) --peer genai --profile \
 	  --out $(BENCH)/results
 
 # gate-check: the latency gate's measured false-alarm and detection rates on the embedded model's W4A8 export

@@ -31,9 +31,11 @@ _SEARCH_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p"
 
 
 def genai_config(model_config: Any, generation_config: Any, tokenizer: Any, manifest: dict[str, Any],
-                 share_buffer: bool) -> dict[str, Any]:
-    """genai_config.json for an export whose export.json manifest is `manifest`."""
-    context_length = int(getattr(model_config, "max_position_embeddings", 0) or 4096)
+                 share_buffer: bool, graph_slots: int | None = None) -> dict[str, Any]:
+    """genai_config.json for an export whose export.json manifest is `manifest`. `context_length` is what the
+    graph runs (`graph_slots`, the fused graph's RoPE cache), the default `max_length` the model's own context."""
+    model_context = int(getattr(model_config, "max_position_embeddings", 0) or 4096)
+    context_length = max(graph_slots or 0, model_context)
     eos = manifest["eos_token_ids"]
     model_type = str(manifest.get("model_type", "llama"))
     search = {key: _generation_value(generation_config, key, default) for key, default in _SEARCH_DEFAULTS.items()}
@@ -60,7 +62,7 @@ def genai_config(model_config: Any, generation_config: Any, tokenizer: Any, mani
             "vocab_size": manifest["vocab_size"],
         },
         "search": {"diversity_penalty": 0.0, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "max_length": model_context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": share_buffer, **search},
     }
 

@@ -86,7 +86,8 @@ def run_export(options: ExportOptions) -> Path:
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp))
         write_genai_config(tmp, genai_config(loaded.model.config, getattr(loaded.model, "generation_config", None),
-                                             loaded.tokenizer, manifest, share_buffer=manifest["layout"] == FUSED_LAYOUT))
+                                             loaded.tokenizer, manifest, share_buffer=manifest["layout"] == FUSED_LAYOUT,
+                                             graph_slots=context_length(loaded.model.config)))
         if genai_available() and loaded.tokenizer is not None:
             checks["genai"] = check_genai_generation(tmp, graph, tokens)
         (tmp / OUTPUT_MARKER).write_text(json.dumps({"stage": "export"}) + "\n")
@@ -120,9 +121,15 @@ def write_onnx_folder(loaded: LoadedModel, graph: DecoderGraph, folder: Path,
     return manifest
 
 
+# The fused graph's RoPE caches cover at least this many slots, so a small-context model still runs the
+# bench's prompts (as the traced graph, which computes RoPE from positions, does); 8192 × head_dim floats
+# is a few MiB.
+MIN_ROPE_SLOTS = 8192
+
+
 def context_length(config: Any) -> int:
-    """Positions the fused graph's RoPE caches cover: the model's own context length."""
-    return int(getattr(config, "max_position_embeddings", 0) or 4096)
+    """Slots the fused graph's RoPE caches cover: the model's context length, at least `MIN_ROPE_SLOTS`."""
+    return max(int(getattr(config, "max_position_embeddings", 0) or 0), MIN_ROPE_SLOTS)
 
 
 def check_genai_generation(folder: Path, graph: DecoderGraph, tokens: torch.Tensor, new_tokens: int = 4) -> dict[str, Any]:

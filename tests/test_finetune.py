@@ -151,7 +151,7 @@ def test_resume_under_other_settings_is_refused_and_changes_nothing(rotated: Pat
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--adapter", "dora"], "unknown adapter 'dora'"),
+        (["--adapter", "dora"], "--adapter: 'dora' is not one of lora, reslora"),
         (["--targets", "q_proj,w_proj"], "unknown adapter target 'w_proj'"),
         (["--rank", "500"], "--rank 500 is larger than the width"),
         (["--qat", "w3a3"], "unknown quantization scheme"),

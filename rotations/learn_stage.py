@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.families import DecoderFamily, decoder_layers
-from rotaq.rotations.hadamard import has_hadamard, random_hadamard_matrix, random_orthogonal_matrix
 from rotaq.rotations.rotate import (
     RotationConfig,
     RotationMatrices,
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 # 64 windows of 128 tokens: a step (one window) takes about 7 s on 2 cores for SmolLM2-135M.
 LEARN_CALIBRATION = DataSpec(seq_len=128, max_tokens=64 * 128)
-HEAD_SEED_OFFSET = 1000  # R2 of layer i starts from seed + 1000 + i, apart from R1's and the online seeds
 
 
 @dataclass
@@ -51,17 +50,15 @@ def learn_settings(options: RotateOptions) -> LearnSettings:
 
 
 def start_rotations(model: nn.Module, family: DecoderFamily, seed: int, learn_heads: bool) -> RotationMatrices:
-    """The randomized Hadamard the fixed rotation would use (R1), and one per layer for R2; a width without a
-    Hadamard matrix starts from a random orthogonal one, with a warning."""
+    """The fixed rotation itself: the randomized Hadamard R1 (a random orthogonal one, with a warning, for a width
+    without a Hadamard matrix) and R2 = I. The fixed rotation has no R2: its online Hadamard before o_proj spans
+    every head already, and a Hadamard R2 in front of it would undo its mixing inside each head (H·H = n·I)."""
     residual = start_matrix(model.get_submodule(family.embed_tokens).weight.shape[1], seed)
     if not learn_heads:
         return RotationMatrices(residual)
     head_dim = attention_head_dim(model.config)
-    seeds = [seed + HEAD_SEED_OFFSET + i for i in range(len(decoder_layers(model, family)))]
-    if has_hadamard(head_dim):
-        return RotationMatrices(residual, [random_hadamard_matrix(head_dim, s) for s in seeds])
-    logger.warning("no Hadamard matrix of order %d (head_dim): R2 starts from random orthogonal matrices", head_dim)
-    return RotationMatrices(residual, [random_orthogonal_matrix(head_dim, s) for s in seeds])
+    identity = torch.eye(head_dim, dtype=torch.float64)
+    return RotationMatrices(residual, [identity.clone() for _ in decoder_layers(model, family)])
 
 
 def checkpoint_path(options: RotateOptions) -> Path:

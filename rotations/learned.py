@@ -1,10 +1,10 @@
 """Learned rotations (SpinQuant-style): R1 on the residual stream and one R2 per layer on the value heads.
 
 A fixed Hadamard spreads outliers but is not the best rotation for a given quantizer. Here R1
-(hidden × hidden) and R2 (head_dim × head_dim, applied to every value head) start from the randomized
-Hadamard and follow the Riemannian gradient of the causal-LM loss of the model *under the target scheme's
-fake quantization* (RTN weights, per-token activations with the scheme's clip, straight-through
-rounding), with a Cayley retraction so they stay orthogonal. The online Hadamards before o_proj and
+(hidden × hidden) and R2 (head_dim × head_dim, applied to every value head) start from the fixed rotation
+(the randomized Hadamard R1, R2 = I) and follow the Riemannian gradient of the causal-LM loss of the
+model *under the target scheme's fake quantization* (RTN weights, per-token activations with the scheme's
+clip, straight-through rounding), with a Cayley retraction so they stay orthogonal. The online Hadamards before o_proj and
 down_proj stay fixed, as in SpinQuant. The learned matrices are then folded by `rotate_model`, the code
 path of the fixed rotation, so the float model is unchanged.
 

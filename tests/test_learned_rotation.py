@@ -141,3 +141,32 @@ def test_rotate_command_learns_and_folds(tiny_hf_folder: Path, tiny_text_file: P
                  "--scheme", "w4a16"])
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and error.startswith("rotaq: error:")
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_learning_loss_is_the_deployed_models_loss(name: str) -> None:
+    """What is learned is what is deployed: the learning view's loss at the start rotation equals the loss of
+    the folded model quantized by the quantize stage (RTN without clip search, float lm_head, as learned)."""
+    import copy
+    import dataclasses
+
+    from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+    from rotaq.rotations.learned import LearnableRotations, learning_view, prepare_for_learning
+    from rotaq.rotations.rotate import rotate_model
+
+    model = tiny_model(name)
+    family = family_for_model(model)
+    scheme = dataclasses.replace(W4A4, act_clip_ratio=0.9, weight_clip_search=False, lm_head_bits=None)
+    config = RotationConfig(kind="learned", seed=3)
+    start = start_rotations(model, family, 3, True)
+    online = online_rotation_specs(model, family, config)
+    tokens = random_tokens(2, 16, seed=4)
+    deployed = copy.deepcopy(model)
+    rotate_model(deployed, family, config, start)
+    quantize_model(deployed, family, QuantizeSettings(scheme=scheme, weights="rtn", progress=False), None)
+    prepare_for_learning(model, family)
+    with torch.no_grad(), learning_view(model, family, LearnableRotations(start), scheme, online):
+        learned_loss = float(model(input_ids=tokens, labels=tokens).loss)
+    with torch.no_grad():
+        deployed_loss = float(deployed(input_ids=tokens, labels=tokens).loss)
+    assert learned_loss == pytest.approx(deployed_loss, rel=1e-4)  # dropping an online rotation: 3e-3

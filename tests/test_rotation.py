@@ -33,7 +33,7 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def learned_matrices(model: torch.nn.Module, config: RotationConfig, learn_heads: bool = True) -> RotationMatrices:
-    """A few W4A4 learning steps from the Hadamard start; the result must have moved away from it."""
+    """A few W4A4 learning steps from the fixed rotation; the result must have moved away from it."""
     family = family_for_model(model)
     start = start_rotations(model, family, config.seed, learn_heads)
     settings = LearnSettings(parse_scheme("w4a4"), steps=3, lr=0.05, learn_heads=learn_heads, progress=False)

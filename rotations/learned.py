@@ -4,8 +4,8 @@ A fixed Hadamard spreads outliers but is not the best rotation for a given quant
 (hidden × hidden) and R2 (head_dim × head_dim, applied to every value head) start from the fixed rotation
 (the randomized Hadamard R1, R2 = I) and follow the Riemannian gradient of the causal-LM loss of the
 model *under the target scheme's fake quantization* (RTN weights, per-token activations with the scheme's
-clip, straight-through rounding), with a Cayley retraction so they stay orthogonal. The online Hadamards before o_proj and
-down_proj stay fixed, as in SpinQuant. The learned matrices are then folded by `rotate_model`, the code
+clip, straight-through rounding), with a Cayley retraction so they stay orthogonal. The online Hadamards
+before o_proj and down_proj stay fixed, as in SpinQuant. The learned matrices are then folded by `rotate_model`, the code
 path of the fixed rotation, so the float model is unchanged.
 
 While learning, each linear computes its rotated weight from the norm-folded original on every call

@@ -84,7 +84,7 @@ def genai_available() -> bool:
 @dataclass(frozen=True)
 class GenaiCheck:
     """What onnxruntime-genai did with the folder: its greedy tokens, and why it cannot read the tokenizer
-    (it reads BPE and SentencePiece models, not every tokenizers type), if it cannot; the graph runs either way."""
+    (`tokenizer_problem`), if it cannot; the graph runs either way."""
 
     greedy_tokens: list[int]
     tokenizer_problem: str | None
@@ -107,12 +107,24 @@ def check_genai_loads(folder: Path, prompt_ids: list[int], new_tokens: int = 4) 
             generated.append(int(generator.get_next_tokens()[0]))
     except Exception as exc:  # genai raises its own pybind exception types for every failure
         raise RotaqError(f"onnxruntime-genai cannot run the export: {first_line(exc)}; nothing was written") from exc
-    try:
-        og.Tokenizer(model)
-        problem = None
-    except Exception as exc:
-        problem = first_line(exc)
-    return GenaiCheck(generated, problem)
+    return GenaiCheck(generated, tokenizer_problem(Path(folder)))
+
+
+# Tokenizer models onnxruntime-genai's tokenizer (onnxruntime-extensions) reads from tokenizer.json.
+_GENAI_TOKENIZER_MODELS = ("BPE", "Unigram")
+
+
+def tokenizer_problem(folder: Path) -> str | None:
+    """Why onnxruntime-genai cannot read the folder's tokenizer, or None. Decided from tokenizer.json's
+    model type, not by opening it: og.Tokenizer on a model type it does not know can crash the process
+    (a segmentation fault, measured with a WordLevel tokenizer), not raise."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return "the export has no tokenizer.json"
+    kind = json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("type")
+    if kind not in _GENAI_TOKENIZER_MODELS:
+        return f"its {kind} tokenizer is not one onnxruntime-genai reads ({', '.join(_GENAI_TOKENIZER_MODELS)})"
+    return None
 
 
 def open_genai_model(folder: Path, threads: int | None = None) -> Any:

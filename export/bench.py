@@ -522,8 +522,8 @@ def run_bench_with_meta(options: BenchOptions, more_rounds: MoreRounds | None = 
             row.update(accuracy_fields(target, reference, reference_fn, windows, options.progress))
         copy_graph_accuracy(rows)
     if any("qdq" in str(row.get("kernels")) for row in rows):
-        notes["qdq"] = ("rows with qdq kernels (W4A4, per-token W4A8) run as DequantizeLinear + float MatMul with "
-                        "activation fake-quant ops: exact numerics, but ONNX Runtime has no W4A4 CPU kernel, so "
+        notes["qdq"] = ("rows with qdq kernels (W4A4, per-token W4A8) run per-token activation fake-quant ops and a "
+                        "float-activation MatMulNBits: exact numerics, but ONNX Runtime has no W4A4 CPU kernel, so "
                         "their speed needs one; their size and accuracy are what a W4A4 kernel would deliver")
     if options.profile:
         notes["profile"] = profile_graphs(targets, options, threads)

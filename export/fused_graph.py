@@ -103,6 +103,8 @@ def _kron(factors: list[np.ndarray]) -> np.ndarray:
 
 
 class _FusedBuilder:
+    """Appends the graph's nodes and initializers to one Emission, block by block, named by module."""
+
     def __init__(self, graph: DecoderGraph, context_length: int) -> None:
         self.graph = graph
         self.context_length = context_length
@@ -116,14 +118,13 @@ class _FusedBuilder:
         return NodeBuilder(prefix, self.emission)
 
     def build(self) -> onnx.ModelProto:
-        graph, shape = self.graph, self.graph.shape
+        graph = self.graph
         seqlens_k, total_length = self._attention_lengths()
         cos_cache, sin_cache = self._rope_caches()
         hidden = self._embed()
         residual = hidden
         pending: str | None = None  # the previous layer's MLP output, not yet added to the residual stream
         path_inputs: dict[int, str] = {}
-        present: list[str] = []
         for index, layer in enumerate(graph.layers):
             b = self.at(f"layers.{index}")
             if pending is None:
@@ -132,7 +133,6 @@ class _FusedBuilder:
                 normed, residual = self._skip_norm(b, layer.input_norm, pending, residual, "input_norm")
             path_inputs[index] = residual
             attn_output = self._attention(b, layer, index, normed, seqlens_k, total_length, cos_cache, sin_cache)
-            present += [f"present.{index}.key", f"present.{index}.value"]
             normed, residual = self._skip_norm(b, layer.post_attention_norm, attn_output, residual, "post_attention_norm")
             pending = self._mlp(b, layer, normed)
             for number, path in enumerate(graph.side_paths):

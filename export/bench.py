@@ -25,7 +25,7 @@ from rotaq.pipeline.progress import progress_bar
 
 from rotaq.eval.tables import markdown_table, write_table
 from rotaq.export.bench_worker import EAGER, GENAI, ONNX, TargetSpec, serve
-from rotaq.export.genai_folder import GENAI_CONFIG
+from rotaq.export.genai_folder import GENAI_CONFIG, genai_available
 from rotaq.export.layout import ExportLayout, read_layout
 from rotaq.export.runtime import CPU, CUDA
 from rotaq.pipeline.atomic import atomic_write, write_json_atomic
@@ -222,7 +222,7 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
     if options.eager:
         targets.insert(1, Target(_label(reference), TargetSpec(EAGER, float_parent(reference), threads), None,
                                  {"scheme": "fp32", "kernels": "PyTorch eager (transformers)"}))
-    if options.genai and genai_runtime_available():
+    if options.genai and genai_available():
         # Each export also through onnxruntime-genai's Generator, the loop the peer is timed with.
         targets += [Target(t.label, TargetSpec(GENAI, t.spec.path, threads), t.layout, dict(t.description))
                     for t in list(targets) if t.spec.kind == ONNX and (t.layout.folder / GENAI_CONFIG).is_file()]
@@ -238,12 +238,6 @@ def build_targets(options: BenchOptions, threads: int) -> tuple[list[Target], di
     return targets, notes
 
 
-def genai_runtime_available() -> bool:
-    from rotaq.export.genai_folder import genai_available
-
-    return genai_available()
-
-
 def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Target]:
     """onnxruntime-genai builder graphs (int4, int8 and fp32, CPU defaults) of the original float model."""
     from rotaq.export.peer_genai import PRECISIONS, build_peer, graph_files_mb, original_float_model
@@ -251,7 +245,7 @@ def genai_targets(reference: ExportLayout, out: Path, threads: int) -> list[Targ
     model = original_float_model(reference.manifest.get("model_source") or {})
     targets = []
     for precision in PRECISIONS:
-        folder = build_peer(model, precision, out / f"peer-genai-{precision}", out, threads)
+        folder = build_peer(model, precision, out / f"peer-genai-{precision}", out)
         targets.append(Target(folder.name, TargetSpec(GENAI, str(folder), threads), None,
                               {"scheme": f"genai {precision}", "file_mb": graph_files_mb(folder),
                                "kernels": ("GroupQueryAttention, float32 MatMul" if precision == "fp32" else

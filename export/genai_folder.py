@@ -96,7 +96,7 @@ def check_genai_loads(folder: Path, prompt_ids: list[int], new_tokens: int = 4) 
     import onnxruntime_genai as og
 
     try:
-        model = og.Model(str(folder))
+        model = open_genai_model(folder)
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)

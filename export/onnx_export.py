@@ -45,6 +45,11 @@ def export_onnx(graph: DecoderGraph, folder: Path, opset: int = OPSET) -> Path:
     model = program.model_proto
     rewrite_linears(model, graph.quantized_linears())
     _name_axes(model, io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size))
+    return save_graph(model, folder)
+
+
+def save_graph(model: onnx.ModelProto, folder: Path) -> Path:
+    """folder/model.onnx with the weights in model.onnx.data, for either layout."""
     path = Path(folder) / GRAPH_NAME
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_NAME, size_threshold=EXTERNAL_DATA_THRESHOLD)

@@ -60,14 +60,13 @@ def hf_folder_for(model: str, folder: Path) -> Path:
     return write_model_artifact(folder, loaded.model, loaded.tokenizer, manifest)
 
 
-def build_peer(model: str, precision: str, folder: Path, work: Path, threads: int) -> Path:
+def build_peer(model: str, precision: str, folder: Path, work: Path) -> Path:
     """GenAI graphs of `model` at `precision` in `folder` (reused when already built from it)."""
     if precision not in PRECISIONS:
         raise RotaqError(f"unknown peer precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     require_genai()
     marker = folder / MARKER_NAME
     if marker.is_file() and json.loads(marker.read_text()).get("model") == model:
-        set_threads(folder, threads)
         return folder
     source = hf_folder_for(model, work / "peer-hf")
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(folder),
@@ -78,17 +77,7 @@ def build_peer(model: str, precision: str, folder: Path, work: Path, threads: in
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
         raise RotaqError(f"onnxruntime-genai's builder failed on {source} ({precision}):\n{tail}")
     marker.write_text(json.dumps({"model": model, "precision": precision, "command": command[1:]}) + "\n")
-    set_threads(folder, threads)
     return folder
-
-
-def set_threads(folder: Path, threads: int) -> None:
-    """Give the peer's session the same intra-op thread count as every other target."""
-    path = folder / CONFIG_NAME
-    config = json.loads(path.read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options["intra_op_num_threads"] = threads
-    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 def graph_files_mb(folder: Path) -> float:

@@ -23,9 +23,8 @@ from rotaq.export.checks import (check_graph_matches_model, check_onnx_file, che
 from rotaq.export.fused_graph import FUSED_LAYOUT, LAYOUTS, TRACED_LAYOUT, build_fused_model, fused_layout_problem
 from rotaq.export.genai_folder import check_genai_loads, genai_available, genai_config, write_genai_config
 from rotaq.export.graph_module import DecoderGraph, ExportLinear
-from rotaq.export.layout import (DATA_NAME, EXPORT_FORMAT, EXTERNAL_DATA_THRESHOLD, GRAPH_NAME, MANIFEST_NAME, OPSET,
-                                 SESSION_CONFIG, io_spec)
-from rotaq.export.onnx_export import export_onnx
+from rotaq.export.layout import DATA_NAME, EXPORT_FORMAT, GRAPH_NAME, MANIFEST_NAME, OPSET, SESSION_CONFIG, io_spec
+from rotaq.export.onnx_export import export_onnx, save_graph
 from rotaq.export.quantized import emitters_for, quantized_weights
 from rotaq.export.runtime import OnnxDecoder
 from rotaq.export.side_path_cost import profiled_share, side_path_flops
@@ -109,9 +108,7 @@ def write_onnx_folder(loaded: LoadedModel, graph: DecoderGraph, folder: Path,
         print(f"rotaq export: the traced graph layout is used because {reason}")
         layout = TRACED_LAYOUT
     if layout == FUSED_LAYOUT:
-        model = build_fused_model(graph, context_length(loaded.model.config))
-        onnx.save_model(model, str(Path(folder) / GRAPH_NAME), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_NAME, size_threshold=EXTERNAL_DATA_THRESHOLD)
+        save_graph(build_fused_model(graph, context_length(loaded.model.config)), folder)
     else:
         export_onnx(graph, folder)
     manifest = export_manifest(loaded, graph, layout)

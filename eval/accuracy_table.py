@@ -1,5 +1,9 @@
 """The accuracy table (a benchmark, not a test): every scheme × {no rotation, rotation} × {RTN, GPTQ}.
 
+Rotations the table cannot make cheaply (a learned rotation takes minutes of training) come as folders
+written by `rotaq rotate`, each scored like the built-in ones and labelled with its manifest's rotation kind
+(`rotation`) and how it was made (`rotation_detail`: what was learned, for which scheme, steps, weights).
+
 Each row is scored against the float model on the same held-out windows: perplexity (and its
 ratio to float), mean KL divergence and top-1 agreement. Rows are written as they finish, so an
 interrupted run keeps what it measured and a rerun skips rows already in the JSON.
@@ -13,18 +17,20 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from rotaq.eval.metrics import evaluate
 from rotaq.eval.tables import write_table
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
-from rotaq.pipeline.loading import load_model
+from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.loading import LoadedModel, load_model
 from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
 from rotaq.quantizers.schemes import parse_scheme
 from rotaq.rotations.rotate import RotationConfig, rotate_model
 
-COLUMNS = ["scheme", "rotation", "weights", "variant", "perplexity", "ppl_ratio", "kl_divergence", "top1_agreement",
-           "quantize_seconds"]
+COLUMNS = ["scheme", "rotation", "rotation_detail", "weights", "variant", "perplexity", "ppl_ratio", "kl_divergence",
+           "top1_agreement", "quantize_seconds"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class AccuracyTableOptions:
     model: str | None = None
     schemes: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w4a16-g128")
     rotations: tuple[bool, ...] = (False, True)
+    rotated: tuple[Path, ...] = ()  # folders from `rotaq rotate` of `model`, scored as further rotations
     weight_methods: tuple[str, ...] = ("rtn", "gptq")
     evaluation: DataSpec = DataSpec(seq_len=512, max_tokens=16 * 512)
     calibration: DataSpec = DataSpec(seq_len=512, max_tokens=32 * 512)
@@ -44,7 +51,43 @@ class AccuracyTableOptions:
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return row["scheme"], row["rotation"], row["weights"], row.get("variant", "-")
+    return row["scheme"], row["rotation"], row.get("rotation_detail", "-"), row["weights"], row.get("variant", "-")
+
+
+def rotation_detail(section: dict[str, Any], table_seed: int) -> str:
+    """How a rotate-stage folder's rotation was made, short enough for a table cell; "-" for the rotation the
+    table builds itself (Hadamard, the table's seed, online Hadamards), so the two share their rows."""
+    learned = section.get("learned")
+    if not learned:
+        parts = [] if section.get("seed", 0) == table_seed else [f"seed {section.get('seed', 0)}"]
+        parts += [] if section.get("online") else ["no online"]
+        return ", ".join(parts) or "-"
+    parts = ["R1+R2" if learned.get("learn_heads") else "R1", f"for {learned['scheme']}"]
+    if learned.get("act_clip_ratio") not in (None, 1.0):
+        parts.append(f"clip {learned['act_clip_ratio']:g}")
+    parts += [f"{learned.get('weights', 'rtn')} weights", f"{learned['steps']} steps", f"lr {learned['lr']:g}"]
+    if learned.get("batch_size", 1) != 1:
+        parts.append(f"batch {learned['batch_size']}")
+    return ", ".join(parts)
+
+
+def _rotated_bases(options: AccuracyTableOptions, float_loaded: LoadedModel) -> Iterator[tuple[str, str, Any]]:
+    """(rotation, rotation_detail, model) for each rotation of the table, built or loaded one at a time."""
+    for rotated in options.rotations:
+        base = copy.deepcopy(float_loaded.model)
+        if rotated:
+            rotate_model(base, float_loaded.family, RotationConfig(seed=options.seed))
+        yield ("hadamard" if rotated else "none"), "-", base
+    for folder in options.rotated:
+        loaded = load_model(folder)
+        section = (loaded.manifest or {}).get("rotation")
+        if not section:
+            raise RotaqError(f"{folder} is not a rotated model folder (no rotation in its manifest); "
+                             "pass a folder written by `rotaq rotate`")
+        origin = loaded.source.get("origin")
+        if origin != float_loaded.source:
+            raise RotaqError(f"{folder} was rotated from {origin}, not from the table's model {float_loaded.source}")
+        yield section["kind"], rotation_detail(section, options.seed), loaded.model
 
 
 def scheme_variant(options: AccuracyTableOptions) -> tuple[dict[str, Any], str]:
@@ -84,25 +127,23 @@ def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
     rows = _load_previous(stem.with_suffix(".json"), fingerprint)
     done = {_row_key(row) for row in rows}
 
-    float_key = ("fp32", "none", "-", "-")
+    float_key = ("fp32", "none", "-", "-", "-")
     if float_key not in done:
         result = evaluate(float_model, evaluation, progress=options.progress)
-        rows.append({"scheme": "fp32", "rotation": "none", "weights": "-", "variant": "-", **result.to_dict(),
+        rows.append({"scheme": "fp32", "rotation": "none", "rotation_detail": "-", "weights": "-", "variant": "-",
+                     **result.to_dict(),
                      "ppl_ratio": 1.0, "kl_divergence": 0.0, "top1_agreement": 1.0, "windows_sha256": fingerprint})
         write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])
     overrides, variant = scheme_variant(options)
     float_ppl = next(row["perplexity"] for row in rows if _row_key(row) == float_key)
 
-    for rotated in options.rotations:
-        base = copy.deepcopy(float_model)
-        if rotated:
-            rotate_model(base, loaded.family, RotationConfig(seed=options.seed))
+    for rotation, detail, base in _rotated_bases(options, loaded):
         for scheme_name in options.schemes:
             scheme = dataclasses.replace(parse_scheme(scheme_name), **overrides)
             if not scheme.quantizes_activations and variant != "-":
                 continue  # activation options do not change a weight-only scheme
             for weights in options.weight_methods:
-                key = (scheme_name, "hadamard" if rotated else "none", weights, variant)
+                key = (scheme_name, rotation, detail, weights, variant)
                 if key in done:
                     continue
                 model = copy.deepcopy(base)
@@ -111,11 +152,13 @@ def run_accuracy_table(options: AccuracyTableOptions) -> list[dict[str, Any]]:
                                                                       progress=options.progress), calibration)
                 seconds = time.perf_counter() - started
                 result = evaluate(model, evaluation, reference=float_model, progress=options.progress)
-                rows.append({"scheme": key[0], "rotation": key[1], "weights": key[2], "variant": variant,
+                rows.append({"scheme": scheme_name, "rotation": rotation, "rotation_detail": detail,
+                             "weights": weights, "variant": variant,
                              **result.to_dict(),
                              "ppl_ratio": result.perplexity / float_ppl, "quantize_seconds": round(seconds, 1),
                              "windows_sha256": fingerprint, **options.extra_fields})
                 write_table(rows, stem, COLUMNS + ["tokens", "windows_sha256"])
+                done.add(key)
                 del model
         del base
     return rows

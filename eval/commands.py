@@ -99,12 +99,22 @@ def _cmd_outliers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table_rotations(names: str) -> tuple[bool, ...]:
+    """--rotation's comma list as the table's flags (True: Hadamard); other rotations come as --rotated folders."""
+    chosen = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in ("none", "hadamard")]
+    if unknown:
+        raise RotaqError(f"--rotation takes none and hadamard, not {', '.join(unknown)}; score a learned rotation "
+                         "by rotating first (rotaq rotate --rotation learned --out DIR) and passing --rotated DIR")
+    return tuple(name == "hadamard" for name in chosen)
+
+
 def _cmd_accuracy_table(args: argparse.Namespace) -> int:
     from rotaq.eval.accuracy_table import COLUMNS, AccuracyTableOptions, run_accuracy_table
 
     rows = run_accuracy_table(AccuracyTableOptions(
         out=Path(args.out), model=args.model, schemes=tuple(args.schemes.split(",")),
-        rotations=tuple(r == "hadamard" for r in args.rotation.split(",")),
+        rotations=_table_rotations(args.rotation), rotated=tuple(Path(folder) for folder in args.rotated),
         weight_methods=tuple(args.weights.split(",")),
         evaluation=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens),
         calibration=DataSpec(source=args.data, seq_len=args.seq_len, max_tokens=args.calib_tokens),
@@ -137,7 +147,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_data_arguments(table, max_tokens=16 * 512)
     table.add_argument("--out", required=True, help="folder for accuracy.{md,csv,json}")
     table.add_argument("--schemes", default="w8a8,w4a8,w4a4,w4a16-g128")
-    table.add_argument("--rotation", default="none,hadamard", help="comma list of none,hadamard")
+    table.add_argument("--rotation", default="none,hadamard",
+                       help="comma list of none,hadamard (empty: only the --rotated folders)")
+    table.add_argument("--rotated", action="append", default=[], metavar="DIR",
+                       help="a folder from `rotaq rotate` of --model (e.g. a learned rotation), scored as one more "
+                            "rotation; repeatable")
     table.add_argument("--weights", default="rtn,gptq", help="comma list of rtn,gptq")
     table.add_argument("--calib-tokens", type=int, default=32 * 512, help="calibration tokens for GPTQ")
     table.add_argument("--act-clip-ratio", type=float, default=None,

@@ -105,11 +105,22 @@ def _section_options(section: Any) -> dict[str, Any]:
 
 
 def _rotate_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
-    return _section_options(config.rotate)
+    options = _section_options(config.rotate)
+    if config.rotate.rotation == "learned":  # it learns on the run's text; a fixed rotation reads none
+        options["data"] = config.data
+        # Learned for the activations the quantize stage deploys, clip included (as QAT trains with it).
+        if options["act_clip_ratio"] is None and parse_scheme(config.rotate.scheme).clips_activations_by_default:
+            options["act_clip_ratio"] = config.quantize.act_clip_ratio
+    return options
 
 
 def _rotate(api: ModuleType, call: StageCall) -> None:
-    api.run_rotate(build_options(api.RotateOptions, call.options, model=call.inputs["model"], out=call.output))
+    options = dict(call.options)
+    wiring = {}
+    if "data" in options:
+        wiring["calibration"] = dataclasses.replace(api.LEARN_CALIBRATION, source=options.pop("data"))
+    api.run_rotate(build_options(api.RotateOptions, options, model=call.inputs["model"], out=call.output,
+                                 progress=call.show_progress, **wiring))
 
 
 def _finetune_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
@@ -234,7 +245,8 @@ def _fixed_name(name: str) -> Callable[[str], str]:
 
 
 STAGES: dict[str, StageDefinition] = {definition.name: definition for definition in (
-    StageDefinition("rotate", "rotaq.rotations.stage", ("run_rotate", "RotateOptions"), _rotate_options, _rotate),
+    StageDefinition("rotate", "rotaq.rotations.stage", ("run_rotate", "RotateOptions", "LEARN_CALIBRATION"),
+                    _rotate_options, _rotate),
     StageDefinition("finetune", "rotaq.adapters.finetune", ("run_finetune", "FinetuneOptions", "TrainConfig"),
                     _finetune_options, _finetune),
     StageDefinition("merge", "rotaq.adapters.merge_stage", ("run_merge", "MergeOptions"), _merge_options, _merge),

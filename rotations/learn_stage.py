@@ -46,7 +46,8 @@ def learn_settings(options: RotateOptions) -> LearnSettings:
     scheme = resolve_scheme(QuantizeOptions(model=options.model, out=options.out, scheme=options.scheme,
                                             act_clip_ratio=options.act_clip_ratio))
     return LearnSettings(scheme=scheme, steps=options.steps, lr=options.lr, learn_heads=options.head_rotation,
-                         batch_size=options.batch_size, seed=options.seed, progress=options.progress)
+                         weights=options.learn_weights, batch_size=options.batch_size, seed=options.seed,
+                         progress=options.progress)
 
 
 def start_rotations(model: nn.Module, family: DecoderFamily, seed: int, learn_heads: bool) -> RotationMatrices:
@@ -84,7 +85,7 @@ def learn_for_stage(options: RotateOptions, loaded: LoadedModel, config: Rotatio
         logger.warning("learned rotation stopped early: %s", log["stopped"])
     losses = log["losses"]
     summary = {"steps": log["steps"], "requested_steps": settings.steps, "seconds": log["seconds"],
-               "learn_heads": settings.learn_heads, "scheme": settings.scheme.name,
+               "learn_heads": settings.learn_heads, "weights": settings.weights, "scheme": settings.scheme.name,
                "act_clip_ratio": settings.scheme.act_clip_ratio, "lr": settings.lr,
                "batch_size": settings.batch_size, "calibration_windows": int(windows.shape[0]),
                "seq_len": int(windows.shape[1]), "calibration_sha256": trajectory["calibration_sha256"],

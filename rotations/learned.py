@@ -3,10 +3,11 @@
 A fixed Hadamard spreads outliers but is not the best rotation for a given quantizer. Here R1
 (hidden × hidden) and R2 (head_dim × head_dim, applied to every value head) start from the fixed rotation
 (the randomized Hadamard R1, R2 = I) and follow the Riemannian gradient of the causal-LM loss of the
-model *under the target scheme's fake quantization* (RTN weights, per-token activations with the scheme's
-clip, straight-through rounding), with a Cayley retraction so they stay orthogonal. The online Hadamards
-before o_proj and down_proj stay fixed, as in SpinQuant. The learned matrices are then folded by `rotate_model`, the code
-path of the fixed rotation, so the float model is unchanged.
+model *under the target scheme's fake quantization* (per-token activations with the scheme's clip and, with
+`weights="rtn"`, RTN weights with straight-through rounding), with a Cayley retraction so they stay
+orthogonal. The online Hadamards before o_proj and down_proj stay fixed, as in SpinQuant. The learned
+matrices are then folded by `rotate_model`, the code path of the fixed rotation, so the float model is
+unchanged.
 
 While learning, each linear computes its rotated weight from the norm-folded original on every call
 (W·R1, R1ᵀ·W, R2 per head) instead of the weights being rotated in place: gradients reach R1/R2 and the
@@ -54,6 +55,11 @@ MOMENTUM = 0.9
 # The weights' clipping search (21 ratios) would cost more than the model's own forward pass at every step;
 # learning uses plain absmax RTN per channel. The quantize stage still searches.
 LEARN_WEIGHT_CLIP_SEARCH = False
+# What the decoder weights are while learning: "rtn", fake-quantized per channel with straight-through
+# rounding (the deployed weights when the quantize stage uses RTN), or "float", activations only, which is
+# what SpinQuant learns with when GPTQ quantizes the weights afterwards (GPTQ's codes are not RTN's, so a
+# rotation fitted to RTN's rounding errors fits errors that the deployed model does not make).
+LEARN_WEIGHT_MODES = ("rtn", "float")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class LearnSettings:
     steps: int = 100
     lr: float = DEFAULT_LR
     learn_heads: bool = True  # False: learn R1 only (no R2)
+    weights: str = "float"  # one of LEARN_WEIGHT_MODES
     batch_size: int = 1
     seed: int = 0
     progress: bool = True
@@ -78,6 +85,8 @@ class LearnSettings:
             raise RotaqError(f"--lr must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise RotaqError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.weights not in LEARN_WEIGHT_MODES:
+            raise RotaqError(f"--learn-weights must be one of {', '.join(LEARN_WEIGHT_MODES)}, got {self.weights!r}")
 
     def trajectory(self) -> dict[str, Any]:
         """Everything that decides the matrices after a given step (not the step count: the rate is constant)."""
@@ -85,7 +94,8 @@ class LearnSettings:
         return {"scheme": scheme.name, "act_clip_ratio": scheme.act_clip_ratio, "act_symmetric": scheme.act_symmetric,
                 "act_block_size": scheme.act_block_size, "kv_bits": scheme.kv_bits, "group": scheme.weight_group_size,
                 "lm_head_bits": scheme.lm_head_bits, "lr": self.lr, "momentum": MOMENTUM,
-                "learn_heads": self.learn_heads, "batch_size": self.batch_size, "seed": self.seed}
+                "learn_heads": self.learn_heads, "weights": self.weights, "batch_size": self.batch_size,
+                "seed": self.seed}
 
 
 @dataclass
@@ -139,13 +149,15 @@ class LearningLinear(nn.Module):
     role: "reads" (input on the residual stream: W·R1) or "writes" (output to it: R1ᵀ·W). `value_head`
     puts R2 on the output heads (v_proj), `output_head` undoes it on the input heads (o_proj). An online
     rotation H, when given, is applied to the input and folded as W·H, as the deployed layer does.
+    `quantize_weight=False` keeps the rotated weight in float (only the activations are quantized).
     """
 
     def __init__(self, linear: nn.Linear, role: str, rotations: LearnableRotations, spec: LayerQuantSpec,
                  ragged: bool, layer_index: int | None = None, value_head: bool = False, output_head: bool = False,
-                 online: OnlineRotation | None = None) -> None:
+                 online: OnlineRotation | None = None, quantize_weight: bool = True) -> None:
         super().__init__()
         self.linear, self.role, self.spec, self.ragged = linear, role, spec, ragged
+        self.quantize_weight = quantize_weight
         self.rotations = [rotations]  # a list, so the shared rotations are not registered once per layer
         self.layer_index, self.value_head, self.output_head = layer_index, value_head, output_head
         self.online = online
@@ -184,7 +196,9 @@ class LearningLinear(nn.Module):
             hidden_states = fake_quantize_activations(hidden_states, spec.act_bits, spec.act_symmetric,
                                                       spec.act_clip_ratio, spec.act_block_size)
         weight, bias = self.rotated()
-        output = F.linear(hidden_states, _straight_through_weight(weight, spec, self.ragged), bias)
+        if self.quantize_weight:
+            weight = _straight_through_weight(weight, spec, self.ragged)
+        output = F.linear(hidden_states, weight, bias)
         return quantize_output(output, spec)
 
 
@@ -227,8 +241,10 @@ def _online_rotations(online_specs: dict[str, dict], device: torch.device) -> di
 
 @contextmanager
 def learning_view(model: nn.Module, family: DecoderFamily, rotations: LearnableRotations, scheme: QuantScheme,
-                  online_specs: dict[str, dict]) -> Iterator[None]:
+                  online_specs: dict[str, dict], weights: str = "float") -> Iterator[None]:
     """Swap every rotated module for its learning twin, and put the originals back afterwards.
+
+    `weights` is one of LEARN_WEIGHT_MODES: "float" leaves the decoder weights unquantized.
 
     The model must be untied and norm-folded (`prepare_for_learning`), so R1 commutes with every RMSNorm.
     """
@@ -248,7 +264,8 @@ def learning_view(model: nn.Module, family: DecoderFamily, rotations: LearnableR
             role = "writes" if path in (family.attention_output, family.mlp_output) else "reads"
             swap(full, LearningLinear(layer.get_submodule(path), role, rotations, specs[path], scheme.ragged_groups,
                                       index, value_head=path == family.attention_inputs[2],
-                                      output_head=path == family.attention_output, online=online.get(full)))
+                                      output_head=path == family.attention_output, online=online.get(full),
+                                      quantize_weight=weights == "rtn"))
     swap(family.lm_head, FloatHead(model.get_submodule(family.lm_head), rotations))
     head_bits = scheme.lm_head_bits
     swap(family.embed_tokens, LearningEmbedding(model.get_submodule(family.embed_tokens), rotations,
@@ -301,7 +318,7 @@ def learn_rotations(model: nn.Module, family: DecoderFamily, windows: Tensor, se
     bar = progress_bar(total=settings.steps, initial=step, desc="learn rotation", unit="step",
                        disable=not settings.progress)
     try:
-        with learning_view(model, family, rotations, settings.scheme, online_specs):
+        with learning_view(model, family, rotations, settings.scheme, online_specs, settings.weights):
             while step < settings.steps:
                 batch = _batch(windows, order, step, settings.batch_size)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss

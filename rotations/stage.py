@@ -16,7 +16,7 @@ from rotaq.pipeline.loading import load_model
 from rotaq.pipeline.options import setting
 from rotaq.quantizers.schemes import clip_ratio_problem, scheme_problem
 from rotaq.rotations.learn_stage import LEARN_CALIBRATION, learn_for_stage, learn_settings
-from rotaq.rotations.learned import DEFAULT_LR
+from rotaq.rotations.learned import DEFAULT_LR, LEARN_WEIGHT_MODES
 from rotaq.rotations.rotate import ROTATION_KINDS, RotationConfig, rotate_model
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ class RotateOptions:
     act_clip_ratio: float | None = setting(None, "learned: activation clip while learning, as quantize's "
                                                  "act_clip_ratio (null: the scheme's)", check=clip_ratio_problem)
     head_rotation: bool = setting(True, "learned: also learn a per-head R2 on v_proj/o_proj (false: R1 only)")
+    # float is the measured default: W4A4 GPTQ perplexity 44.94 against 57.90 learned with RTN weights
+    # (SmolLM2-135M, R1+R2, docs/quantization.md); the Hadamard start scores 45.47.
+    learn_weights: str = setting("float", "learned: decoder weights while learning: float (activations only, as "
+                                          "SpinQuant learns when GPTQ follows) or rtn (fake-quantized per channel, "
+                                          "straight-through, for RTN deployment)", choices=lambda: LEARN_WEIGHT_MODES)
     lr: float = setting(DEFAULT_LR, "learned: Riemannian SGD learning rate", minimum=0)
     batch_size: int = setting(1, "learned: calibration windows per step", minimum=1)
     calibration: DataSpec = LEARN_CALIBRATION

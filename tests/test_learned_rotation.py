@@ -165,8 +165,71 @@ def test_learning_loss_is_the_deployed_models_loss(name: str) -> None:
     rotate_model(deployed, family, config, start)
     quantize_model(deployed, family, QuantizeSettings(scheme=scheme, weights="rtn", progress=False), None)
     prepare_for_learning(model, family)
-    with torch.no_grad(), learning_view(model, family, LearnableRotations(start), scheme, online):
+    with torch.no_grad(), learning_view(model, family, LearnableRotations(start), scheme, online, weights="rtn"):
         learned_loss = float(model(input_ids=tokens, labels=tokens).loss)
     with torch.no_grad():
         deployed_loss = float(deployed(input_ids=tokens, labels=tokens).loss)
     assert learned_loss == pytest.approx(deployed_loss, rel=1e-4)  # dropping an online rotation: 3e-3
+
+
+def _activation_quantized_forward(linear: torch.nn.Module, spec) -> None:
+    """Make a deployed float linear quantize what reaches its matmul (after any online rotation) and no more."""
+    from torch.nn import functional as F
+
+    from rotaq.quantizers.activations import fake_quantize_activations
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if hasattr(linear, "matmul_input"):
+            hidden_states = linear.matmul_input(hidden_states)
+        hidden_states = fake_quantize_activations(hidden_states, spec.act_bits, spec.act_symmetric,
+                                                  spec.act_clip_ratio, spec.act_block_size)
+        return F.linear(hidden_states, linear.weight, linear.bias)
+
+    linear.forward = forward
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2-bias"])
+def test_float_weight_learning_quantizes_activations_only(name: str) -> None:
+    """--learn-weights float: the learning loss is the folded float model's with only its linears' inputs
+    fake-quantized (as SpinQuant learns when GPTQ follows), and differs from the RTN-weight loss."""
+    import copy
+    import dataclasses
+
+    from rotaq.quantizers.linear import decoder_layer_specs
+    from rotaq.rotations.learned import LearnableRotations, learning_view, prepare_for_learning
+    from rotaq.rotations.rotate import rotate_model
+    from rotaq.pipeline.families import decoder_layers
+
+    model = tiny_model(name)
+    family = family_for_model(model)
+    scheme = dataclasses.replace(W4A4, act_clip_ratio=0.9, lm_head_bits=None)
+    config = RotationConfig(kind="learned", seed=3)
+    start = start_rotations(model, family, 3, True)
+    online = online_rotation_specs(model, family, config)
+    tokens = random_tokens(2, 16, seed=4)
+    deployed = copy.deepcopy(model)
+    rotate_model(deployed, family, config, start)
+    specs = decoder_layer_specs(scheme, family, deployed)
+    for layer in decoder_layers(deployed, family):
+        for path in family.decoder_linears:
+            _activation_quantized_forward(layer.get_submodule(path), specs[path])
+    prepare_for_learning(model, family)
+    rotations = LearnableRotations(start)
+    with torch.no_grad():
+        with learning_view(model, family, rotations, scheme, online, weights="float"):
+            float_loss = float(model(input_ids=tokens, labels=tokens).loss)
+        with learning_view(model, family, rotations, scheme, online, weights="rtn"):
+            rtn_loss = float(model(input_ids=tokens, labels=tokens).loss)
+        deployed_loss = float(deployed(input_ids=tokens, labels=tokens).loss)
+    assert float_loss == pytest.approx(deployed_loss, rel=1e-4)
+    assert abs(rtn_loss - float_loss) > 1e-3
+
+
+def test_learn_weights_option_reaches_the_settings_and_is_checked() -> None:
+    from rotaq.rotations.learn_stage import learn_settings
+
+    options = RotateOptions(model=None, out=Path("unused"), rotation="learned", learn_weights="float")
+    settings = learn_settings(options)
+    assert settings.weights == "float" and settings.trajectory()["weights"] == "float"
+    with pytest.raises(RotaqError, match="--learn-weights"):
+        LearnSettings(scheme=W4A4, weights="fp8")

@@ -211,3 +211,30 @@ def test_a_stage_whose_output_went_missing_reruns_with_everything_computed_from_
     reran = {name for name, stage in outcome.stages.items() if stage.status == "done"}
     assert reran == {"merge", "quantize-w4a8", "evaluate-merge", "evaluate-quantize-w4a8", "results", "report"}
     assert outcome.stages["finetune"].status == "cached" and outcome.stages["rotate"].status == "cached"
+
+
+def test_a_learned_rotation_learns_on_the_runs_text(tiny_hf_folder: Path, tiny_text_file: Path,
+                                                    tmp_path: Path) -> None:
+    """rotate.rotation: learned calibrates on the run's `data` and clips as the quantize stage does; a fixed
+    rotation reads no text, so its stage key does not change with the data."""
+    import rotaq.rotations.stage as rotate_stage
+
+    definition = STAGES["rotate"]
+    learned = tiny_config(tiny_hf_folder, tiny_text_file, rotate__rotation="learned", rotate__steps=2,
+                          quantize__act_clip_ratio=0.85)
+    assert definition.options(learned, None)["data"] == str(tiny_text_file)
+    assert definition.options(learned, None)["act_clip_ratio"] == 0.85  # learned for the deployed clip
+    per_block = tiny_config(tiny_hf_folder, tiny_text_file, rotate__rotation="learned", rotate__scheme="w4a8",
+                            quantize__act_clip_ratio=0.85)
+    assert definition.options(per_block, None)["act_clip_ratio"] is None  # W4A8's kernel blocks do not clip
+    fixed = definition.options(tiny_config(tiny_hf_folder, tiny_text_file), None)
+    assert "data" not in fixed
+    received = []
+    fake = types.SimpleNamespace(**{name: getattr(rotate_stage, name) for name in definition.requires})
+    fake.run_rotate = received.append
+    call_options = definition.options(learned, None)
+    definition.invoke(fake, types.SimpleNamespace(options=call_options, inputs={"model": str(tiny_hf_folder)},
+                                                  output=tmp_path / "rotate", show_progress=False))
+    (options,) = received
+    assert options.calibration.source == str(tiny_text_file) and options.steps == 2
+    assert options.calibration.seq_len == rotate_stage.LEARN_CALIBRATION.seq_len

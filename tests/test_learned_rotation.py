@@ -143,26 +143,33 @@ def test_rotate_command_learns_and_folds(tiny_hf_folder: Path, tiny_text_file: P
     assert code == 2 and error.count("\n") == 1 and error.startswith("rotaq: error:")
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_learning_loss_is_the_deployed_models_loss(name: str) -> None:
-    """What is learned is what is deployed: the learning view's loss at the start rotation equals the loss of
-    the folded model quantized by the quantize stage (RTN without clip search, float lm_head, as learned)."""
+def _start_and_its_fold(name: str):
+    """A tiny model, the start rotation of its learning, the online rotations, and a copy with them folded."""
     import copy
-    import dataclasses
 
-    from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
-    from rotaq.rotations.learned import LearnableRotations, learning_view, prepare_for_learning
     from rotaq.rotations.rotate import rotate_model
 
     model = tiny_model(name)
     family = family_for_model(model)
-    scheme = dataclasses.replace(W4A4, act_clip_ratio=0.9, weight_clip_search=False, lm_head_bits=None)
     config = RotationConfig(kind="learned", seed=3)
     start = start_rotations(model, family, 3, True)
-    online = online_rotation_specs(model, family, config)
-    tokens = random_tokens(2, 16, seed=4)
     deployed = copy.deepcopy(model)
     rotate_model(deployed, family, config, start)
+    return model, family, start, online_rotation_specs(model, family, config), deployed
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_learning_loss_is_the_deployed_models_loss(name: str) -> None:
+    """What is learned is what is deployed: the learning view's loss at the start rotation equals the loss of
+    the folded model quantized by the quantize stage (RTN without clip search, float lm_head, as learned)."""
+    import dataclasses
+
+    from rotaq.quantizers.quantize_model import QuantizeSettings, quantize_model
+    from rotaq.rotations.learned import LearnableRotations, learning_view, prepare_for_learning
+
+    scheme = dataclasses.replace(W4A4, act_clip_ratio=0.9, weight_clip_search=False, lm_head_bits=None)
+    model, family, start, online, deployed = _start_and_its_fold(name)
+    tokens = random_tokens(2, 16, seed=4)
     quantize_model(deployed, family, QuantizeSettings(scheme=scheme, weights="rtn", progress=False), None)
     prepare_for_learning(model, family)
     with torch.no_grad(), learning_view(model, family, LearnableRotations(start), scheme, online, weights="rtn"):
@@ -192,23 +199,15 @@ def _activation_quantized_forward(linear: torch.nn.Module, spec) -> None:
 def test_float_weight_learning_quantizes_activations_only(name: str) -> None:
     """--learn-weights float: the learning loss is the folded float model's with only its linears' inputs
     fake-quantized (as SpinQuant learns when GPTQ follows), and differs from the RTN-weight loss."""
-    import copy
     import dataclasses
 
+    from rotaq.pipeline.families import decoder_layers
     from rotaq.quantizers.linear import decoder_layer_specs
     from rotaq.rotations.learned import LearnableRotations, learning_view, prepare_for_learning
-    from rotaq.rotations.rotate import rotate_model
-    from rotaq.pipeline.families import decoder_layers
 
-    model = tiny_model(name)
-    family = family_for_model(model)
     scheme = dataclasses.replace(W4A4, act_clip_ratio=0.9, lm_head_bits=None)
-    config = RotationConfig(kind="learned", seed=3)
-    start = start_rotations(model, family, 3, True)
-    online = online_rotation_specs(model, family, config)
+    model, family, start, online, deployed = _start_and_its_fold(name)
     tokens = random_tokens(2, 16, seed=4)
-    deployed = copy.deepcopy(model)
-    rotate_model(deployed, family, config, start)
     specs = decoder_layer_specs(scheme, family, deployed)
     for layer in decoder_layers(deployed, family):
         for path in family.decoder_linears:

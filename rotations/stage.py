@@ -42,7 +42,8 @@ class RotateOptions:
     scheme: str = setting("w4a4", "learned: the scheme whose fake quantization the rotation is learned for (one "
                                   "that quantizes activations)", check=scheme_problem)
     act_clip_ratio: float | None = setting(None, "learned: activation clip while learning, as quantize's "
-                                                 "act_clip_ratio (null: the scheme's)", check=clip_ratio_problem)
+                                                 "act_clip_ratio (null: the scheme's; in rotaq run, "
+                                                 "quantize.act_clip_ratio)", check=clip_ratio_problem)
     head_rotation: bool = setting(True, "learned: also learn a per-head R2 on v_proj/o_proj (false: R1 only)")
     # float is the measured default: W4A4 GPTQ perplexity 44.94 against 57.90 learned with RTN weights
     # (SmolLM2-135M, R1+R2, docs/quantization.md); the Hadamard start scores 45.47.

@@ -15,9 +15,9 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from rotaq.eval.metrics import evaluate

@@ -36,10 +36,10 @@ def learned_matrices(model: torch.nn.Module, config: RotationConfig, learn_heads
     """A few W4A4 learning steps from the fixed rotation; the result must have moved away from it."""
     family = family_for_model(model)
     start = start_rotations(model, family, config.seed, learn_heads)
-    settings = LearnSettings(parse_scheme("w4a4"), steps=3, lr=0.05, learn_heads=learn_heads, progress=False)
+    settings = LearnSettings(parse_scheme("w4a4"), steps=3, lr=0.3, learn_heads=learn_heads, progress=False)
     learned = learn_rotations(model, family, random_tokens(4, 16, seed=5), settings, start,
                               online_rotation_specs(model, family, config)).matrices
-    assert not torch.allclose(learned.residual, start.residual, atol=1e-4)
+    assert not torch.allclose(learned.residual, start.residual, atol=1e-3)
     if learn_heads:
         assert not torch.allclose(learned.heads[0], start.heads[0], atol=1e-4)
     return learned

@@ -72,12 +72,14 @@ def rotation_detail(section: dict[str, Any], table_seed: int) -> str:
 
 
 def _rotated_bases(options: AccuracyTableOptions, float_loaded: LoadedModel) -> Iterator[tuple[str, str, Any]]:
-    """(rotation, rotation_detail, model) for each rotation of the table, built or loaded one at a time."""
+    """(rotation, rotation_detail, model) for each rotation of the table, built or loaded one at a time: each
+    model is released before the next is made, so at most one rotated copy is held beside the float model."""
     for rotated in options.rotations:
         base = copy.deepcopy(float_loaded.model)
         if rotated:
             rotate_model(base, float_loaded.family, RotationConfig(seed=options.seed))
         yield ("hadamard" if rotated else "none"), "-", base
+        del base
     for folder in options.rotated:
         loaded = load_model(folder)
         section = (loaded.manifest or {}).get("rotation")
@@ -88,6 +90,7 @@ def _rotated_bases(options: AccuracyTableOptions, float_loaded: LoadedModel) -> 
         if origin != float_loaded.source:
             raise RotaqError(f"{folder} was rotated from {origin}, not from the table's model {float_loaded.source}")
         yield section["kind"], rotation_detail(section, options.seed), loaded.model
+        del loaded
 
 
 def scheme_variant(options: AccuracyTableOptions) -> tuple[dict[str, Any], str]:

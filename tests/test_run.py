@@ -222,8 +222,9 @@ def test_a_learned_rotation_learns_on_the_runs_text(tiny_hf_folder: Path, tiny_t
     definition = STAGES["rotate"]
     learned = tiny_config(tiny_hf_folder, tiny_text_file, rotate__rotation="learned", rotate__steps=2,
                           quantize__act_clip_ratio=0.85)
-    assert definition.options(learned, None)["data"] == str(tiny_text_file)
-    assert definition.options(learned, None)["act_clip_ratio"] == 0.85  # learned for the deployed clip
+    call_options = definition.options(learned, None)
+    assert call_options["data"] == str(tiny_text_file)
+    assert call_options["act_clip_ratio"] == 0.85  # learned for the deployed clip
     per_block = tiny_config(tiny_hf_folder, tiny_text_file, rotate__rotation="learned", rotate__scheme="w4a8",
                             quantize__act_clip_ratio=0.85)
     assert definition.options(per_block, None)["act_clip_ratio"] is None  # W4A8's kernel blocks do not clip
@@ -232,7 +233,6 @@ def test_a_learned_rotation_learns_on_the_runs_text(tiny_hf_folder: Path, tiny_t
     received = []
     fake = types.SimpleNamespace(**{name: getattr(rotate_stage, name) for name in definition.requires})
     fake.run_rotate = received.append
-    call_options = definition.options(learned, None)
     definition.invoke(fake, types.SimpleNamespace(options=call_options, inputs={"model": str(tiny_hf_folder)},
                                                   output=tmp_path / "rotate", show_progress=False))
     (options,) = received

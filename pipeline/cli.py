@@ -23,7 +23,8 @@ COMMAND_MODULES = (
     "rotaq.quantizers.commands",
     "rotaq.eval.commands",
     "rotaq.export.commands",
-    "rotaq.pipeline.run_commands",
+    "rotaq.pipeline.run.commands",
+    "rotaq.pipeline.sweep.commands",
 )
 
 

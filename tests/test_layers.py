@@ -1,14 +1,17 @@
 """The layering, written down: which modules may import which (an import-linter-style contract on `ast`).
 
-    orchestration   pipeline/run*, sweep*, report*, cli.py, stage_registry, stage_cache, config_*
+    commands        pipeline/cli.py and the orchestration packages' commands.py
+        ↓
+    orchestration   pipeline/sweep/  →  pipeline/report/  →  pipeline/run/     (each may import those to its right)
         ↓
     stages          rotations/, quantizers/, adapters/, export/, eval/
         ↓
-    foundation      the rest of pipeline/: artifacts, atomic, errors, families, loading, data, options, ...
+    foundation      the modules directly in pipeline/: artifacts, atomic, errors, families, loading, data, options, ...
 
 A module may import its own layer and the layers below it. Every import counts for layering, also one inside
-a function; a foundation module that needs a stage's code names it in a lookup table resolved with importlib
-(pipeline/structure.py). Module-level imports must not form a cycle.
+a function; a lower module that needs a higher one's code names it in a lookup table resolved with importlib
+(pipeline/structure.py's installers, pipeline/run/stage_registry.py's stages). Module-level imports must not
+form a cycle.
 """
 
 from __future__ import annotations
@@ -20,25 +23,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "rotations", "quantizers", "adapters", "export", "eval")
 STAGE_PACKAGES = ("rotations", "quantizers", "adapters", "export", "eval")
-ORCHESTRATION_PREFIXES = ("run", "sweep", "report", "config_", "stage_registry", "stage_cache")
-ORCHESTRATION_NAMES = ("cli",)  # pipeline/cli_args.py is foundation: the argparse helpers every stage command shares
+ORCHESTRATION_PACKAGES = ("run", "report", "sweep")  # inside pipeline/, lowest first
+RANK = {"foundation": 0, "stage": 1, "run": 2, "report": 3, "sweep": 4, "commands": 5}
 
 
 def module_names() -> dict[str, Path]:
-    return {f"rotaq.{package}.{path.stem}" if path.stem != "__init__" else f"rotaq.{package}": path
-            for package in PACKAGES for path in sorted((ROOT / package).glob("*.py"))}
+    names = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = [package, *path.relative_to(ROOT / package).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            names[".".join(["rotaq", *parts])] = path
+    return names
 
 
 def layer(module: str) -> str:
-    package, _, name = module.removeprefix("rotaq.").partition(".")
-    if package in STAGE_PACKAGES:
+    parts = module.removeprefix("rotaq.").split(".")
+    if parts[0] in STAGE_PACKAGES:
         return "stage"
-    if name.startswith(ORCHESTRATION_PREFIXES) or name in ORCHESTRATION_NAMES:
-        return "orchestration"
+    if parts[1:] == ["cli"] or (len(parts) > 2 and parts[1] in ORCHESTRATION_PACKAGES and parts[2] == "commands"):
+        return "commands"
+    if len(parts) > 1 and parts[1] in ORCHESTRATION_PACKAGES:
+        return parts[1]
     return "foundation"
 
 
-RANK = {"foundation": 0, "stage": 1, "orchestration": 2}
+def test_every_pipeline_module_is_in_a_layer() -> None:
+    """A new subpackage of pipeline/ must be placed in the contract, not counted as foundation by default."""
+    subpackages = sorted(path.parent.name for path in (ROOT / "pipeline").glob("*/__init__.py"))
+    assert subpackages == sorted(ORCHESTRATION_PACKAGES)
+    assert layer("rotaq.pipeline.run.plan") == "run" and layer("rotaq.pipeline.sweep.commands") == "commands"
+    assert layer("rotaq.pipeline.cli") == "commands" and layer("rotaq.pipeline.cli_args") == "foundation"
 
 
 def imports(path: Path, top_level_only: bool) -> Iterator[tuple[int, str]]:

@@ -38,8 +38,10 @@ def test_wheel_has_rotaq_as_its_only_top_level(tmp_path: Path) -> None:
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     modules = [n for n in names if n.endswith(".py")]
     assert modules and all(n.startswith("rotaq/") for n in modules)
-    for folder in PACKAGE_FOLDERS:
-        assert f"rotaq/{folder}/__init__.py" in names
+    sources = [path.relative_to(ROOT).as_posix() for folder in PACKAGE_FOLDERS for path in (ROOT / folder).rglob("*.py")
+               if "__pycache__" not in path.parts]
+    missing = [source for source in sources if f"rotaq/{source}" not in names]
+    assert not missing, f"left out of the wheel (a subpackage missing from pyproject's packages?): {missing}"
     assert "rotaq = rotaq.pipeline.cli:main" in entry_points
 
 

@@ -161,7 +161,7 @@ def test_relative_paths_in_a_config_file_mean_its_folder(tmp_path: Path, tiny_hf
                                                          tiny_text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from rotaq.pipeline.config_loading import load_run_config
+    from rotaq.pipeline.run.config_loading import load_run_config
 
     project = tmp_path / "project"
     shutil.copytree(tiny_hf_folder, project / "models" / "tiny")
@@ -176,8 +176,8 @@ def test_relative_paths_in_a_config_file_mean_its_folder(tmp_path: Path, tiny_hf
 
 
 def test_run_checks_its_model_and_data_before_the_first_stage(tmp_path: Path, tiny_hf_folder: Path) -> None:
-    from rotaq.pipeline.config_loading import config_from_mapping
-    from rotaq.pipeline.run import run_pipeline
+    from rotaq.pipeline.run.config_loading import config_from_mapping
+    from rotaq.pipeline.run.execute import run_pipeline
 
     config = config_from_mapping({"model": str(tiny_hf_folder), "data": str(tmp_path / "missing.txt")})
     with pytest.raises(RotaqError, match="data not found"):
@@ -186,7 +186,7 @@ def test_run_checks_its_model_and_data_before_the_first_stage(tmp_path: Path, ti
 
 
 def test_a_run_folder_killed_before_its_first_record_is_still_usable(tmp_path: Path) -> None:
-    from rotaq.pipeline.run import _prepare_run_folder
+    from rotaq.pipeline.run.execute import _prepare_run_folder
 
     folder = tmp_path / "run"
     folder.mkdir()

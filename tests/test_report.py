@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rotaq.pipeline.report import write_report
+from rotaq.pipeline.report.write import write_report
 
 
 def write_json(path: Path, payload: Any) -> None:

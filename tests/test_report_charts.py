@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rotaq.pipeline.report_charts import (MAX_WIDTH_PX, pareto_front, plot_accuracy_tradeoff, plot_bench, plot_training,
+from rotaq.pipeline.report.charts import (MAX_WIDTH_PX, pareto_front, plot_accuracy_tradeoff, plot_bench, plot_training,
                                     rolling_mean)
 
 

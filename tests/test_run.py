@@ -17,11 +17,11 @@ import pytest
 import yaml
 
 from rotaq.pipeline.cli import main
-from rotaq.pipeline.config_loading import apply_override, config_from_mapping
-from rotaq.pipeline.run import run_pipeline
-from rotaq.pipeline.run_config import RunConfig
-from rotaq.pipeline.run_plan import plan_run
-from rotaq.pipeline.stage_registry import STAGES
+from rotaq.pipeline.run.config_loading import apply_override, config_from_mapping
+from rotaq.pipeline.run.execute import run_pipeline
+from rotaq.pipeline.run.config import RunConfig
+from rotaq.pipeline.run.plan import plan_run
+from rotaq.pipeline.run.stage_registry import STAGES
 
 # Tiny everywhere: windows of 32 tokens, a few windows per evaluation, RTN (no calibration pass), no ONNX export.
 TINY_RUN: dict[str, Any] = {

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rotaq.pipeline.cli import main
-from rotaq.pipeline.config_loading import ConfigError, config_from_mapping, key_paths, load_run_config
-from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run.config_loading import ConfigError, config_from_mapping, key_paths, load_run_config
+from rotaq.pipeline.run.config import RunConfig
 
 
 def config_problems(raw: dict) -> list[str]:

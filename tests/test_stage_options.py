@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 
 from rotaq.pipeline.cli import main
-from rotaq.pipeline.config_loading import load_run_config
+from rotaq.pipeline.run.config_loading import load_run_config
 from rotaq.pipeline.options import Option, allowed_values, is_setting, options_of, without_none, yaml_value
-from rotaq.pipeline.stage_registry import STAGES, StageCall
+from rotaq.pipeline.run.stage_registry import STAGES, StageCall
 
 
 @dataclass(frozen=True)
 class StageOptions:
-    stage: str  # the name in pipeline.stage_registry.STAGES, which is also its config section
+    stage: str  # the name in pipeline.run.stage_registry.STAGES, which is also its config section
     module: str
     options_class: str
     function: str

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from rotaq.pipeline.cli import main
-from rotaq.pipeline.config_loading import ConfigError
+from rotaq.pipeline.run.config_loading import ConfigError
 from rotaq.pipeline.errors import ArtifactError
-from rotaq.pipeline.sweep import plan_sweep, run_sweep
-from rotaq.pipeline.sweep_spec import load_sweep
-from rotaq.pipeline.sweep_table import mark_pareto
+from rotaq.pipeline.sweep.execute import plan_sweep, run_sweep
+from rotaq.pipeline.sweep.spec import load_sweep
+from rotaq.pipeline.sweep.table import mark_pareto
 from rotaq.export.bench import BenchOptions
 from tests.test_run import fake_export, tiny_settings
 

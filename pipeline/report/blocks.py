@@ -1,7 +1,7 @@
 """The pieces a run report is made of, and their Markdown rendering.
 
 A report is collected once as a list of blocks and rendered twice (Markdown here, HTML in
-`rotaq.pipeline.report_html`), so both files always say the same thing with the same digits.
+`rotaq.pipeline.report.html`), so both files always say the same thing with the same digits.
 """
 
 from __future__ import annotations

@@ -15,16 +15,14 @@ from typing import Any
 from rotaq.pipeline.atomic import atomic_write
 from rotaq.pipeline.options import yaml_value
 from rotaq.eval.labels import label
-from rotaq.pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
-from rotaq.pipeline.report_charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
-from rotaq.pipeline.report_html import render_html
-from rotaq.pipeline.run_files import RunFiles
-from rotaq.pipeline.run_results import RESULTS_FILE
-from rotaq.pipeline.stage_cache import MARKERS_FOLDER, read_marker
-from rotaq.pipeline.sweep_table import run_summary
+from rotaq.pipeline.report.blocks import Block, Figure, Heading, Paragraph, Table, render_markdown
+from rotaq.pipeline.report.charts import plot_accuracy_tradeoff, plot_bench, plot_training, tradeoff_point
+from rotaq.pipeline.report.html import render_html
+from rotaq.pipeline.run.files import REPORT_HTML, REPORT_MARKDOWN, RunFiles
+from rotaq.pipeline.run.results import RESULTS_FILE
+from rotaq.pipeline.run.stage_cache import MARKERS_FOLDER, read_marker
+from rotaq.pipeline.run.summary import run_summary
 
-REPORT_MARKDOWN = "report.md"
-REPORT_HTML = "report.html"
 CHARTS_FOLDER = "report_files"
 WORST_LAYERS_SHOWN = 10
 TRAINING_LOG_FILE = "training_log.json"  # rotaq.adapters.finetune.TRAINING_LOG_FILE (not imported: it pulls in torch)

@@ -19,10 +19,11 @@ from typing import Any
 
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.locks import LOCK_NAME, folder_lock
-from rotaq.pipeline.run import check_run_inputs, run_pipeline
-from rotaq.pipeline.run_plan import plan_run
-from rotaq.pipeline.sweep_spec import SweepSpec, Variant
-from rotaq.pipeline.sweep_table import SWEEP_FORMAT, variant_rows, write_sweep_outputs
+from rotaq.pipeline.run.execute import check_run_inputs, run_pipeline
+from rotaq.pipeline.run.plan import plan_run
+from rotaq.pipeline.sweep.spec import SweepSpec, Variant
+from rotaq.pipeline.run.summary import variant_rows
+from rotaq.pipeline.sweep.table import SWEEP_FORMAT, write_sweep_outputs
 
 VARIANTS_FOLDER = "variants"
 STORE_FOLDER = "store"

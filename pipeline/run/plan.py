@@ -6,7 +6,7 @@ one evaluation per model, results.json and the report follow. A stage that is di
 that is not available in this codebase is listed as skipped, and so is everything that needs its output,
 while the float lineage continues from the last stage that does run.
 
-A sweep (`rotaq.pipeline.sweep`) plans each of its variants with a shared `store`: every stage but the
+A sweep (`rotaq.pipeline.sweep.execute`) plans each of its variants with a shared `store`: every stage but the
 per-run results and report then writes to `store/<name>-<key>` with its marker beside it, so two
 variants that agree on a stage's options and inputs compute the same key and share one output.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotaq.pipeline.run_config import RunConfig
-from rotaq.pipeline.stage_cache import key_material, marker_path, stage_key
-from rotaq.pipeline.stage_registry import STAGES, StageDefinition
+from rotaq.pipeline.run.config import RunConfig
+from rotaq.pipeline.run.stage_cache import key_material, marker_path, stage_key
+from rotaq.pipeline.run.stage_registry import STAGES, StageDefinition
 
 SOURCE = "source"
 """The input name of the model the run starts from (not a stage: it is read where it is)."""

@@ -20,7 +20,7 @@ from typing import Any
 from rotaq.pipeline.atomic import write_json_atomic
 
 MARKERS_FOLDER = "stages"
-RUN_RECORD = "run.json"  # the run's plan and statuses, written by rotaq.pipeline.run
+RUN_RECORD = "run.json"  # the run's plan and statuses, written by rotaq.pipeline.run.execute
 
 
 def rotaq_version() -> str:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotaq.pipeline.config_loading import ConfigError, apply_override, config_from_mapping, read_run_yaml, read_yaml_mapping
-from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run.config_loading import ConfigError, apply_override, config_from_mapping, read_run_yaml, read_yaml_mapping
+from rotaq.pipeline.run.config import RunConfig
 
 SWEEP_KEYS = ("config", "set", "grid", "variants")
 SLUG_LIMIT = 80

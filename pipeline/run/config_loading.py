@@ -21,7 +21,7 @@ import yaml
 
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.options import is_setting, key_doc, value_problem, without_none
-from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from rotaq.pipeline.artifacts import remove_stale_temporaries
 from rotaq.pipeline.atomic import write_json_atomic
 from rotaq.pipeline.errors import ArtifactError
 from rotaq.pipeline.locks import LOCK_NAME, folder_lock
-from rotaq.pipeline.run_config import RunConfig
-from rotaq.pipeline.run_plan import PlannedStage, RunPlan, plan_run
-from rotaq.pipeline.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
-from rotaq.pipeline.stage_registry import StageCall
+from rotaq.pipeline.run.config import RunConfig
+from rotaq.pipeline.run.plan import PlannedStage, RunPlan, plan_run
+from rotaq.pipeline.run.stage_cache import RUN_RECORD, clear_marker, read_marker, rotaq_version, write_marker
+from rotaq.pipeline.run.stage_registry import StageCall
 
 RUN_FORMAT = "rotaq-run/1"
 

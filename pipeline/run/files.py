@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rotaq.pipeline.stage_cache import RUN_RECORD
+from rotaq.pipeline.run.stage_cache import RUN_RECORD
+
+REPORT_MARKDOWN = "report.md"  # written by rotaq.pipeline.report.write
+REPORT_HTML = "report.html"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The commented default configuration (`rotaq init`) and the key list of `rotaq run --help`.
 
-Both are generated from the declarations in `rotaq.pipeline.run_config`, so every key is documented and the
+Both are generated from the declarations in `rotaq.pipeline.run.config`, so every key is documented and the
 written defaults are exactly the defaults the code uses (a test reads the file back and compares).
 """
 
@@ -12,7 +12,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from rotaq.pipeline.options import key_doc, yaml_value
-from rotaq.pipeline.run_config import RunConfig
+from rotaq.pipeline.run.config import RunConfig
 
 COMMENT_WIDTH = 100
 

@@ -4,7 +4,7 @@ Wiring a stage is one `StageDefinition` in `STAGES`: the module and the names it
 it takes from the run config (exactly what its cache key hashes: `invoke` sees nothing else), a call that
 builds the stage's own options object, and the file that proves its output complete. A stage whose module
 does not import, or lacks one of those names, is reported as "skipped (not available)" and nothing is put
-in its place. Where each stage sits in the pipeline is decided in `rotaq.pipeline.run_plan`.
+in its place. Where each stage sits in the pipeline is decided in `rotaq.pipeline.run.plan`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from rotaq.pipeline.atomic import write_json_atomic
 from rotaq.pipeline.data import DataSpec
 from rotaq.pipeline.errors import ArtifactError
 from rotaq.pipeline.options import build_options
-from rotaq.pipeline.run_config import RunConfig
-from rotaq.pipeline.report import REPORT_HTML
-from rotaq.pipeline.run_results import RESULTS_FILE, model_labels
+from rotaq.pipeline.run.config import RunConfig
+from rotaq.pipeline.run.files import REPORT_HTML
+from rotaq.pipeline.run.results import RESULTS_FILE, model_labels
 from rotaq.quantizers.schemes import parse_scheme
 
 BENCH_FILE = "bench.json"
 """The bench stage's result: a JSON list of rows (model, scheme, prefill_ms_128, prefill_ms_512,
-decode_tokens_per_s, file_mb, peak_rss_mb, perplexity, ...), read by `rotaq.pipeline.report`."""
+decode_tokens_per_s, file_mb, peak_rss_mb, perplexity, ...), read by `rotaq.pipeline.report.write`."""
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,8 @@ STAGES: dict[str, StageDefinition] = {definition.name: definition for definition
                     done_file="outliers_summary.json"),
     StageDefinition("evaluate", "rotaq.eval.commands", ("run_eval", "EvalOptions"), _evaluate_options, _evaluate,
                     done_file=None, output_name=_evaluation_file),
-    StageDefinition("results", "rotaq.pipeline.run_results", ("write_results",), _no_options, _results,
+    StageDefinition("results", "rotaq.pipeline.run.results", ("write_results",), _no_options, _results,
                     done_file=None, output_name=_fixed_name(RESULTS_FILE)),
-    StageDefinition("report", "rotaq.pipeline.report", ("write_report",), _report_options, _report,
+    StageDefinition("report", "rotaq.pipeline.report.write", ("write_report",), _report_options, _report,
                     done_file=None, output_name=_fixed_name(REPORT_HTML)),
 )}

@@ -165,7 +165,7 @@ def pareto_front(points: Sequence[Mapping[str, Any]], x_key: str, higher_is_bett
                  y_key: str = ACCURACY) -> list[Mapping[str, Any]]:
     """The points no other point dominates (at least as good on `x_key` and on `y_key`, lower `y_key`
     being better, and better on one), in increasing `x_key`. Points missing either number are on no
-    front; exact duplicates are both kept, as in `rotaq.pipeline.sweep_table.mark_pareto`."""
+    front; exact duplicates are both kept, as in `rotaq.pipeline.sweep.table.mark_pareto`."""
     shown = [point for point in points if point.get(x_key) is not None and point.get(y_key) is not None]
 
     def cost(point: Mapping[str, Any]) -> tuple[float, float]:

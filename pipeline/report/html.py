@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rotaq.eval.labels import label
 from rotaq.eval.tables import cell_format, format_cell, is_numeric_column
-from rotaq.pipeline.report_blocks import Block, Figure, Heading, Paragraph, Table
+from rotaq.pipeline.report.blocks import Block, Figure, Heading, Paragraph, Table
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f; max-width: 72rem;

@@ -2,7 +2,7 @@
 
 A stage's section is generated from the stage's own Options dataclass (`rotaq.pipeline.options`): its keys
 are that class's settings, with their defaults, help and constraints, so `rotaq init`, `rotaq run --help`,
-the validation in `rotaq.pipeline.config_loading`, the stage's own command-line flags and the options the
+the validation in `rotaq.pipeline.run.config_loading`, the stage's own command-line flags and the options the
 stage is called with cannot drift apart. Only what belongs to the run itself is declared here: whether a
 stage runs (`enabled`), the list of schemes, token budgets the run turns into the stage's data, and the
 top-level model, data and window length.

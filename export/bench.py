@@ -33,7 +33,7 @@ from rotaq.pipeline.data import DataSpec
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.options import setting
 
-BENCH_FILE = "bench.json"  # rotaq.pipeline.stage_registry.BENCH_FILE: a JSON list of rows
+BENCH_FILE = "bench.json"  # rotaq.pipeline.run.stage_registry.BENCH_FILE: a JSON list of rows
 META_FILE = "bench_meta.json"
 REFERENCE_FOLDER = "reference-fp32"
 PEERS = ("genai",)

@@ -50,12 +50,16 @@ MERGE_LOR2C = "merge-lor2c"
 INJECT_LOR2C = "inject-lor2c"
 LOR2C_TYPES = (LOR2C, SHARE_LOR2C, MERGE_LOR2C, INJECT_LOR2C)
 SCORE_METHODS = ("top-share", "mean")
-INJECT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")
 _ATTRIBUTE = "rotaq_lor2c"
 SIDE_PATHS = "rotaq_side_paths"  # the submodule holding the paths: their state-dict prefix
 
 
 DEFAULT_CHANGES = {MERGE_LOR2C: 4, INJECT_LOR2C: 2}
+
+
+def inject_targets(family: DecoderFamily) -> tuple[str, str]:
+    """Where inject-lor2c puts LoRA: q_proj and v_proj, as in the LoR2C paper (and PEFT's default targets)."""
+    return (family.query, family.value)
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ class Lor2cPaths:
 
     def _inject_at(self, layer: int) -> list[nn.Parameter]:
         added: list[nn.Parameter] = []
-        for number, projection in enumerate(INJECT_TARGETS):
+        for number, projection in enumerate(inject_targets(self.family)):
             path = f"{self.family.layers}.{layer}.{projection}"
             base = self.layers[layer].get_submodule(projection)
             if isinstance(base, LoraLinear):
@@ -287,7 +291,7 @@ class Lor2cPaths:
         return ResidualPath(first, last, lora_A, lora_B, self.config.scaling)
 
     def hidden_size(self) -> int:
-        return int(self.layers[0].get_submodule(INJECT_TARGETS[0]).in_features)
+        return int(self.layers[0].get_submodule(self.family.query).in_features)
 
     def build(self, spans: list[tuple[int, int]], injected_layers: list[int] = ()) -> None:
         """Set the paths to `spans` (fresh initialisation) and LoRA on the injected layers, then hook them."""

@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 
 from rotaq.adapters.config import ADAPTER_TYPES, resolve_targets
-from rotaq.adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, INJECT_TARGETS, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
-                            Lor2cConfig, lor2c_parameter_count)
+from rotaq.adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
+                                  Lor2cConfig, inject_targets, lor2c_parameter_count)
 from rotaq.pipeline.families import DecoderFamily, decoder_layers
 
 
@@ -27,10 +27,10 @@ def adapter_parameter_counts(model: nn.Module, family: DecoderFamily, rank: int,
     lora = sum(rank * (linear.in_features + linear.out_features)
                for projection in resolve_targets(targets, family)
                for linear in (layer.get_submodule(projection) for layer in layers))
-    hidden = first.get_submodule(INJECT_TARGETS[0]).in_features
+    hidden = first.get_submodule(family.query).in_features
     per_path = 2 * rank * hidden
     injected_lora = sum(rank * (first.get_submodule(p).in_features + first.get_submodule(p).out_features)
-                        for p in INJECT_TARGETS)
+                        for p in inject_targets(family))
     counts = {kind: (lora, "shortcuts reuse the adapters' matrices" if kind != "lora" else "") for kind in ADAPTER_TYPES}
     counts[LOR2C] = (lor2c_parameter_count(hidden, len(layers), Lor2cConfig(rank=rank)), "one path per layer")
     counts[SHARE_LOR2C] = (lor2c_parameter_count(hidden, len(layers), Lor2cConfig(kind=SHARE_LOR2C, rank=rank)),

@@ -25,7 +25,7 @@ from rotaq.export.emitters import LinearEmitter
 from rotaq.quantizers.linear import LayerQuantSpec, quantize_output
 from rotaq.quantizers.rtn import QuantizedWeight
 from rotaq.pipeline.errors import UnsupportedModelError
-from rotaq.pipeline.families import DecoderFamily, decoder_layers
+from rotaq.pipeline.families import DecoderFamily, LayerTraits, decoder_layers
 
 # RoPE types whose frequencies are fixed at load time; "dynamic" and "longrope" recompute them from
 # the sequence length at run time, which a static graph built here does not reproduce.
@@ -89,6 +89,11 @@ class ExportLinear(nn.Module):
         return output if self.output_spec is None else quantize_output(output, self.output_spec)
 
 
+def _in_attention(family: DecoderFamily, path: str) -> str:
+    """A layer-relative path (self_attn.q_proj) relative to the attention module (q_proj)."""
+    return path.removeprefix(family.attention_output.rpartition(".")[0] + ".")
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -97,18 +102,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """GQA self-attention over the cached keys/values plus the new tokens."""
 
-    def __init__(self, source: nn.Module, prefix: str, emitters: dict[str, LinearEmitter]) -> None:
+    def __init__(self, source: nn.Module, prefix: str, emitters: dict[str, LinearEmitter], family: DecoderFamily,
+                 traits: LayerTraits) -> None:
         super().__init__()
         self.head_dim = int(source.head_dim)
         self.scaling = float(source.scaling)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             ExportLinear(getattr(source, name), f"{prefix}.{name}", emitters.get(f"{prefix}.{name}"))
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            for name in (_in_attention(family, path) for path in (*family.attention_inputs, family.attention_output)))
         self.num_heads = self.q_proj.weight_t.shape[1] // self.head_dim
         self.num_kv_heads = self.k_proj.weight_t.shape[1] // self.head_dim
-        self.q_norm = RMSNorm(source.q_norm) if hasattr(source, "q_norm") else None
-        self.k_norm = RMSNorm(source.k_norm) if hasattr(source, "k_norm") else None
-        self.use_rope = bool(getattr(source, "use_rope", True))  # SmolLM3's NoPE layers set it False
+        self.q_norm, self.k_norm = ((RMSNorm(source.get_submodule(_in_attention(family, path)))
+                                     for path in family.head_norms) if family.head_norms else (None, None))
+        self.use_rope = traits.uses_rope  # SmolLM3's NoPE layers have none
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 past_key: torch.Tensor, past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,15 +155,15 @@ class GatedMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, source: nn.Module, prefix: str, family: DecoderFamily, emitters: dict[str, LinearEmitter],
-                 sliding_window: int | None) -> None:
+                 traits: LayerTraits) -> None:
         super().__init__()
         attn_path = family.attention_output.rpartition(".")[0]
         mlp_path = family.mlp_output.rpartition(".")[0]
         self.input_norm = RMSNorm(source.get_submodule(family.input_norm))
-        self.attn = Attention(source.get_submodule(attn_path), f"{prefix}.{attn_path}", emitters)
+        self.attn = Attention(source.get_submodule(attn_path), f"{prefix}.{attn_path}", emitters, family, traits)
         self.post_attention_norm = RMSNorm(source.get_submodule(family.post_attention_norm))
         self.mlp = GatedMLP(source.get_submodule(mlp_path), f"{prefix}.{mlp_path}", emitters)
-        self.sliding_window = sliding_window
+        self.sliding_window = traits.sliding_window
 
     def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 past_key: torch.Tensor, past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,13 +215,16 @@ class DecoderGraph(nn.Module):
         emitters = emitters or {}
         config = model.config
         check_supported_config(config)
+        if family.norm_kind != "w":
+            raise UnsupportedModelError(f"{family.name}: its RMSNorm scales by ({family.norm_kind}); the export's "
+                                        "norm computes x̂·w only")
         rotary = _rotary_embedding(model, family)
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.attention_scaling = float(rotary.attention_scaling)
         embed = model.get_submodule(family.embed_tokens)
         self.embed_weight = embed.weight
         self.layers = nn.ModuleList(
-            DecoderLayer(layer, f"{family.layers}.{index}", family, emitters, _sliding_window(config, index))
+            DecoderLayer(layer, f"{family.layers}.{index}", family, emitters, family.layer_traits(config, index))
             for index, layer in enumerate(decoder_layers(model, family)))
         self.norm = RMSNorm(model.get_submodule(family.final_norm))
         self.side_paths = side_paths_of(model)
@@ -311,18 +320,11 @@ def check_supported_config(config: object) -> None:
 
 
 def _rotary_embedding(model: nn.Module, family: DecoderFamily) -> nn.Module:
-    """The backbone's rotary module (a sibling of the embeddings), whose inv_freq already holds any scaling."""
-    backbone = model.get_submodule(family.embed_tokens.rpartition(".")[0])
-    rotary = getattr(backbone, "rotary_emb", None)
+    """The backbone's rotary module, whose inv_freq already holds any scaling."""
+    try:
+        rotary = model.get_submodule(family.rotary_embedding)
+    except AttributeError:
+        rotary = None
     if rotary is None or not hasattr(rotary, "inv_freq"):
         raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module with inv_freq")
     return rotary
-
-
-def _sliding_window(config: object, layer_index: int) -> int | None:
-    """The layer's attention window: per layer type where the config has layer types, else global."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[layer_index] != "sliding_attention":
-        return None
-    return int(window) if window else None

@@ -22,7 +22,7 @@ import torch
 from rotaq.pipeline.artifacts import (OUTPUT_MARKER, WEIGHTS_NAME, file_records, is_artifact, is_disk_full, read_manifest, sha256_file,
                                 staged_folder, verify_files)
 from rotaq.pipeline.errors import ArtifactError, RotaqError, first_line
-from rotaq.pipeline.families import DecoderFamily, family_for_model_type
+from rotaq.pipeline.families import DecoderFamily, check_family_layout, family_for_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def _load_pretrained(name: str, dtype: torch.dtype, source: dict[str, Any], trus
     family = family_for_model_type(config.model_type)
     with model_files_explained(name):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **hub)
+        check_family_layout(model, family)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **hub)
     model.eval()
     return LoadedModel(model, tokenizer, family, {**source, "model_type": config.model_type})
@@ -251,6 +252,7 @@ def load_artifact_model(path: Path, dtype: torch.dtype = torch.float32) -> Loade
         config = AutoConfig.from_pretrained(str(path))
     family = family_for_model_type(config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_family_layout(model, family)
     from rotaq.pipeline.structure import install_structure
 
     install_structure(model, family, manifest)

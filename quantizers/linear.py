@@ -63,19 +63,17 @@ def decoder_layer_spec(scheme: QuantScheme) -> LayerQuantSpec:
                           act_block_size=activation_block(scheme))
 
 
-def kv_cache_spec(spec: LayerQuantSpec, scheme: QuantScheme, model: nn.Module) -> LayerQuantSpec:
+def kv_cache_spec(spec: LayerQuantSpec, scheme: QuantScheme, family: DecoderFamily, model: nn.Module) -> LayerQuantSpec:
     """k_proj / v_proj: the decoder spec plus, with `kv_bits`, per-token per-head output quantization."""
     if scheme.kv_bits is None or scheme.kv_bits >= 16:
         return spec
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return dataclasses.replace(spec, output_bits=scheme.kv_bits, output_group=int(head_dim))
+    return dataclasses.replace(spec, output_bits=scheme.kv_bits, output_group=family.head_dim(model.config))
 
 
 def decoder_layer_specs(scheme: QuantScheme, family: DecoderFamily, model: nn.Module) -> dict[str, LayerQuantSpec]:
     """The spec of each decoder linear (a path inside a layer, e.g. self_attn.k_proj) under `scheme`."""
     spec = decoder_layer_spec(scheme)
-    return {path: kv_cache_spec(spec, scheme, model) if path in family.attention_inputs[1:] else spec
+    return {path: kv_cache_spec(spec, scheme, family, model) if path in family.key_value else spec
             for path in family.decoder_linears}
 
 

@@ -15,7 +15,6 @@ from rotaq.pipeline.families import DecoderFamily, decoder_layers
 from rotaq.rotations.rotate import (
     RotationConfig,
     RotationMatrices,
-    attention_head_dim,
     online_rotation_specs,
     start_matrix,
 )
@@ -57,7 +56,7 @@ def start_rotations(model: nn.Module, family: DecoderFamily, seed: int, learn_he
     residual = start_matrix(model.get_submodule(family.embed_tokens).weight.shape[1], seed)
     if not learn_heads:
         return RotationMatrices(residual)
-    head_dim = attention_head_dim(model.config)
+    head_dim = family.head_dim(model.config)
     identity = torch.eye(head_dim, dtype=torch.float64)
     return RotationMatrices(residual, [identity.clone() for _ in decoder_layers(model, family)])
 

@@ -263,7 +263,7 @@ def learning_view(model: nn.Module, family: DecoderFamily, rotations: LearnableR
             full = f"{prefix}.{path}"
             role = "writes" if path in (family.attention_output, family.mlp_output) else "reads"
             swap(full, LearningLinear(layer.get_submodule(path), role, rotations, specs[path], scheme.ragged_groups,
-                                      index, value_head=path == family.attention_inputs[2],
+                                      index, value_head=path == family.value,
                                       output_head=path == family.attention_output, online=online.get(full),
                                       quantize_weight=weights == "rtn"))
     swap(family.lm_head, FloatHead(model.get_submodule(family.lm_head), rotations))

@@ -74,6 +74,9 @@ def untie_word_embeddings(model: nn.Module, family: DecoderFamily) -> None:
 
 
 def fold_all_norms(model: nn.Module, family: DecoderFamily) -> None:
+    """Fold every RMSNorm's scale into the linears it feeds (refused, before any change, for a norm kind whose
+    scale is not its weight)."""
+    family.check_foldable_norms()
     for layer in decoder_layers(model, family):
         fold_rmsnorm_into_linears(layer.get_submodule(family.input_norm),
                                   [layer.get_submodule(p) for p in family.attention_inputs])
@@ -117,10 +120,6 @@ def start_matrix(width: int, seed: int) -> torch.Tensor:
     return random_orthogonal_matrix(width, seed)
 
 
-def attention_head_dim(config: Any) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-
-
 def rotate_head_rows(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """R2ᵀ·W_h for every head block of rows (heads · head_dim × in): the layer's output per head becomes v_h·R2.
     Shared by the fold and by the learning, so both compute the same weights."""
@@ -139,7 +138,7 @@ def rotate_value_heads(layer: nn.Module, family: DecoderFamily, rotation: torch.
     """Every value head v_h ↦ v_h·R2 and o_proj's input columns by the same R2 per head. Attention mixes values
     only across positions, and grouped queries share a value head, so each head's output carries R2 and
     o_proj's weight cancels it: the function is unchanged."""
-    value = layer.get_submodule(family.attention_inputs[2])  # (q, k, v) in every family
+    value = layer.get_submodule(family.value)
     output = layer.get_submodule(family.attention_output)
     _set_weight(value, rotate_head_rows(value.weight.double(), rotation))
     if value.bias is not None:
@@ -176,7 +175,7 @@ def online_rotation_specs(model: nn.Module, family: DecoderFamily, config: Rotat
 
 
 def check_head_rotations(model: nn.Module, family: DecoderFamily, heads: list[torch.Tensor]) -> None:
-    layer_count, head_dim = len(decoder_layers(model, family)), attention_head_dim(model.config)
+    layer_count, head_dim = len(decoder_layers(model, family)), family.head_dim(model.config)
     if len(heads) != layer_count or any(tuple(r.shape) != (head_dim, head_dim) for r in heads):
         raise RotaqError(f"head rotations must be {layer_count} matrices of {head_dim}×{head_dim}")
 
@@ -193,6 +192,7 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
     rotation = residual_rotation_matrix(hidden_size, config) if matrices is None else matrices.residual.double()
     if tuple(rotation.shape) != (hidden_size, hidden_size):
         raise RotaqError(f"the residual rotation must be {hidden_size}×{hidden_size}, got {tuple(rotation.shape)}")
+    family.check_foldable_norms()  # before anything changes: the model stays as it was loaded
     heads = None if matrices is None else matrices.heads
     if heads is not None:
         check_head_rotations(model, family, heads)

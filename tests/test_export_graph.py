@@ -55,8 +55,9 @@ def test_mistral_global_sliding_window_matches_hf() -> None:
 
 
 def test_smollm3_nope_layer_matches_hf() -> None:
-    model = tiny_model("smollm3")
-    model.model.layers[1].self_attn.use_rope = False  # what no_rope_layers sets for every 4th layer
+    model = tiny_model("smollm3", overrides={"no_rope_layers": [1, 0]})  # SmolLM3-3B has one in every 4 layers
+    assert model.model.layers[1].self_attn.use_rope == 0
+    assert [layer.attn.use_rope for layer in DecoderGraph(model, family_for_model(model)).layers] == [True, False]
     assert graph_error(model) < 1e-5
 
 

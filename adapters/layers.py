@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from rotaq.adapters.chain import ProjectionChain
 from rotaq.adapters.qat import FakeQuantizers
-from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
+from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, RotatedInputLinear, adopt_linear_parameters
 
 
 class LowRankAdapter(nn.Module):
@@ -53,27 +53,22 @@ class LowRankAdapter(nn.Module):
         return self.lora_B @ self.lora_A
 
 
-class AdaptedLinear(nn.Linear):
-    """Frozen W (and bias, and online rotation when the base had one) plus the adapter of one layer."""
+class AdaptedLinear(RotatedInputLinear):
+    """Frozen W (and bias, and online rotation when the base had one) plus the adapter of one layer.
+
+    `AdaptedLinear.wrap(linear, adapter, chain, layer_index)` takes over `linear`'s parameters and online
+    rotation (no copy); `matmul_input` is x_n, the tensor the base weight multiplies.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, adapter: LowRankAdapter,
-                 chain: ProjectionChain, layer_index: int, input_rotation: OnlineRotation | None = None) -> None:
-        # The meta placeholders are replaced by the base layer's own parameters in `wrap`.
-        super().__init__(in_features, out_features, bias=bias, device="meta")
-        self.input_rotation = input_rotation
+                 chain: ProjectionChain, layer_index: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, input_rotation: OnlineRotation | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype, input_rotation=input_rotation)
         self.adapter = adapter
         self.chain = chain
         self.layer_index = layer_index
         self.scaling = chain.config.scaling
         self.fake_quantizers: FakeQuantizers | None = None
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear, adapter: LowRankAdapter, chain: ProjectionChain,
-             layer_index: int) -> AdaptedLinear:
-        """Take over `linear`'s parameters and online rotation (no copy)."""
-        rotation = linear.input_rotation if isinstance(linear, OnlineRotatedLinear) else None
-        return adopt_linear_parameters(cls(linear.in_features, linear.out_features, linear.bias is not None, adapter,
-                                           chain, layer_index, rotation), linear)
 
     def base_layer(self, weight: Tensor) -> nn.Linear:
         """The base module kind again (nn.Linear or OnlineRotatedLinear), carrying `weight` (e.g. a merged W')."""
@@ -81,10 +76,6 @@ class AdaptedLinear(nn.Linear):
             nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta"), self)
         linear.weight = nn.Parameter(weight)
         return linear if self.input_rotation is None else OnlineRotatedLinear.wrap(linear, self.input_rotation)
-
-    def matmul_input(self, hidden_states: Tensor) -> Tensor:
-        """x_n: the tensor the base weight multiplies (rotated online for o_proj/down_proj of a rotated model)."""
-        return hidden_states if self.input_rotation is None else self.input_rotation(hidden_states)
 
     def mergeable_delta_weight(self) -> Tensor:
         """s·Σ_j B_j A_j: exact merge for lora and bs, the x_n-only part for is and ms."""

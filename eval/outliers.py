@@ -22,6 +22,7 @@ from torch import nn
 
 from rotaq.eval._windows import as_windows, check_token_ids, eval_mode, input_vocab_size, iter_batches, model_device
 from rotaq.pipeline.errors import DataError, RotaqError
+from rotaq.rotations.online import matmul_input_of
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -56,10 +57,9 @@ def collect_linear_input_stats(
 
     `module_filter(name, module)` narrows the layers (default: every nn.Linear, lm_head included).
 
-    Convention for layers that transform their input inside `forward` (e.g. an online Hadamard
-    applied before the matmul): such a module defines `matmul_input(self, x) -> Tensor` returning
-    exactly the tensor its matmul consumes, and the statistics are taken on `matmul_input(x)` rather
-    than on the raw input, because that is the tensor a quantizer sees.
+    For a layer with an online rotation before its matmul (a `RotatedInputLinear`), the statistics are
+    taken on `matmul_input_of(module, x)`, the tensor its matmul consumes, rather than on the raw input,
+    because that is the tensor a quantizer sees.
     """
     windows = as_windows(windows)
     check_token_ids(windows, input_vocab_size(model))
@@ -179,8 +179,7 @@ def _make_hook(accumulator: _Accumulator) -> Callable:
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else next(iter(kwargs.values()))
-        transform = getattr(module, "matmul_input", None)
-        accumulator.add(transform(x) if callable(transform) else x)
+        accumulator.add(matmul_input_of(module, x))
 
     return hook
 

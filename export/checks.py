@@ -127,7 +127,7 @@ def check_quantized_layers(graph: DecoderGraph, input_ids: torch.Tensor) -> floa
 
     def capture(module: ExportLinear, args: tuple[torch.Tensor]) -> None:
         x = args[0]
-        inputs[module.path] = module.matmul_input(x) if module.matmul_input is not None else x
+        inputs[module.path] = module.matmul_input(x)
 
     hooks = [module.register_forward_pre_hook(capture) for module in modules]
     try:

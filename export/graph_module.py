@@ -14,7 +14,6 @@ Calling convention (the ONNX graph's, see `rotaq.export.layout`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +21,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from rotaq.export.emitters import LinearEmitter
-from rotaq.quantizers.linear import LayerQuantSpec, quantize_output
+from rotaq.quantizers.linear import QuantizedLinear, quantize_output
 from rotaq.quantizers.rtn import QuantizedWeight
 from rotaq.pipeline.errors import UnsupportedModelError
 from rotaq.pipeline.families import DecoderFamily, LayerTraits, decoder_layers
+from rotaq.rotations.online import input_rotation_of
 
 # RoPE types whose frequencies are fixed at load time; "dynamic" and "longrope" recompute them from
 # the sequence length at run time, which a static graph built here does not reproduce.
@@ -74,13 +74,16 @@ class ExportLinear(nn.Module):
         self.weight_t = nn.Parameter(source.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = source.bias
         # Registered so the rotation's factors are this module's buffers (named initializers) on export.
-        self.input_rotation = getattr(source, "input_rotation", None)
-        self.matmul_input: Callable[[torch.Tensor], torch.Tensor] | None = getattr(source, "matmul_input", None)
+        self.input_rotation = input_rotation_of(source)
         # A k_proj / v_proj with KV-cache quantization fake-quantizes its output in float ops, as in PyTorch.
-        self.output_spec: LayerQuantSpec | None = getattr(source, "spec", None)
+        self.output_spec = source.spec if isinstance(source, QuantizedLinear) else None
+
+    def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the weight multiplies: the input after the online rotation, if the source layer has one."""
+        return hidden_states if self.input_rotation is None else self.input_rotation(hidden_states)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = self.matmul_input(hidden_states) if self.matmul_input is not None else hidden_states
+        x = self.matmul_input(hidden_states)
         if self.emitter is None or torch.onnx.is_in_onnx_export():
             output = x @ self.weight_t
         else:

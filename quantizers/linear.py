@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from rotaq.pipeline.families import DecoderFamily
 from rotaq.quantizers.activations import fake_quantize_activations, fake_quantize_per_token
 from rotaq.quantizers.schemes import QuantScheme
-from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, adopt_linear_parameters
+from rotaq.rotations.online import OnlineRotation, RotatedInputLinear
 
 
 @dataclass(frozen=True)
@@ -85,27 +85,18 @@ def quantize_output(output: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
     return fake_quantize_per_token(heads, spec.output_bits).flatten(-2)
 
 
-class QuantizedLinear(nn.Linear):
-    """A linear layer whose weight holds dequantized codes and whose input is fake-quantized at run time."""
+class QuantizedLinear(RotatedInputLinear):
+    """A linear layer whose weight holds dequantized codes and whose input is fake-quantized at run time.
+
+    `QuantizedLinear.wrap(linear, spec)` takes over `linear`'s parameters (no copy) and, for a rotated layer,
+    its online rotation; `matmul_input` is the float tensor the quantizer sees (rotated, not yet quantized).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerQuantSpec,
-                 input_rotation: OnlineRotation | None = None, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 input_rotation: OnlineRotation | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype, input_rotation=input_rotation)
         self.spec = spec
-        self.input_rotation = input_rotation
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QuantizedLinear:
-        """Take over `linear`'s parameters (no copy) and, for a rotated layer, its online rotation."""
-        rotation = linear.input_rotation if isinstance(linear, OnlineRotatedLinear) else None
-        return adopt_linear_parameters(
-            cls(linear.in_features, linear.out_features, linear.bias is not None, spec, rotation,
-                device="meta", dtype=linear.weight.dtype), linear)
-
-    def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The float tensor the quantizer sees (after the online rotation, before quantization)."""
-        return hidden_states if self.input_rotation is None else self.input_rotation(hidden_states)
 
     def quantize_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
         spec = self.spec

@@ -7,7 +7,7 @@ stream and so cannot be rotated offline; the inverse is folded into the layer's 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -71,26 +71,56 @@ def adopt_linear_parameters(wrapped: nn.Linear, linear: nn.Linear) -> nn.Linear:
     return wrapped
 
 
-class OnlineRotatedLinear(nn.Linear):
-    """A Linear whose input is rotated online first; its weight already holds W·R.
+Wrapper = TypeVar("Wrapper", bound="RotatedInputLinear")
 
-    `matmul_input` is the tensor that reaches the matmul: quantizers and outlier statistics use it.
+
+class RotatedInputLinear(nn.Linear):
+    """The one base of rotaq's linear wrappers (online-rotated, adapted, quantized): it owns the optional
+    online rotation of the input and `matmul_input`, the tensor the weight multiplies. Quantizers, outlier
+    statistics, merges and the export read both through `input_rotation_of` / `matmul_input_of` only.
+
+    Wrappers stack by taking over: `wrap` builds the wrapper on the meta device and adopts the wrapped
+    layer's weight, bias and rotation, so rotation → adapter → quantization stack without any of them
+    knowing the others. They subclass nn.Linear instead of holding a PEFT-style `base_layer` because the
+    parameters must keep their names (`...o_proj.weight`): every stage folder's model.safetensors holds the
+    parent's tensors under the parent's names, and a `base_layer.weight` would change every artifact.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, rotation: OnlineRotation,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, input_rotation: OnlineRotation | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.input_rotation = rotation
+        self.input_rotation = input_rotation
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, rotation: OnlineRotation) -> OnlineRotatedLinear:
-        """Take over `linear`'s parameters (no copy) behind an online rotation."""
-        return adopt_linear_parameters(
-            cls(linear.in_features, linear.out_features, linear.bias is not None, rotation,
-                device="meta", dtype=linear.weight.dtype), linear)
+    def wrap(cls: type[Wrapper], linear: nn.Linear, *args: Any, **kwargs: Any) -> Wrapper:
+        """`cls(in, out, bias, *args, **kwargs)` holding `linear`'s weight, bias and online rotation (no copy)."""
+        wrapped = cls(linear.in_features, linear.out_features, linear.bias is not None, *args, device="meta",
+                      dtype=linear.weight.dtype, **kwargs)
+        rotation = input_rotation_of(linear)
+        if rotation is not None:
+            wrapped.input_rotation = rotation
+        return adopt_linear_parameters(wrapped, linear)
 
     def matmul_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.input_rotation(hidden_states)
+        return hidden_states if self.input_rotation is None else self.input_rotation(hidden_states)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(self.matmul_input(hidden_states), self.weight, self.bias)
+
+
+class OnlineRotatedLinear(RotatedInputLinear):
+    """A Linear whose input is rotated online first; its weight already holds W·R."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rotation: OnlineRotation,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype, input_rotation=rotation)
+
+
+def input_rotation_of(module: nn.Module) -> OnlineRotation | None:
+    """The online rotation in front of a linear's matmul, or None (a plain nn.Linear, an unrotated layer)."""
+    return module.input_rotation if isinstance(module, RotatedInputLinear) else None
+
+
+def matmul_input_of(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The tensor `module`'s weight multiplies when it is called on `hidden_states`: what a quantizer sees."""
+    return module.matmul_input(hidden_states) if isinstance(module, RotatedInputLinear) else hidden_states

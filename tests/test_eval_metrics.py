@@ -178,17 +178,14 @@ class _Feed(nn.Module):
         return SimpleNamespace(logits=self.linear(self.rows(input_ids)))
 
 
-_HADAMARD4 = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2
 
 
-class _RotatedLinear(nn.Linear):
-    """Applies an orthonormal Hadamard to its input before the matmul, like an online rotation."""
+def _rotated_linear(in_features: int, out_features: int) -> nn.Module:
+    """An online-rotated linear (orthonormal Hadamard on its input before the matmul), as rotate installs it."""
+    from rotaq.rotations.online import OnlineRotatedLinear, OnlineRotation, online_rotation_spec
 
-    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ _HADAMARD4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.matmul_input(x))
+    return OnlineRotatedLinear.wrap(nn.Linear(in_features, out_features),
+                                    OnlineRotation(online_rotation_spec(in_features, "hadamard", 0)))
 
 
 def _hand_stats(x: np.ndarray) -> tuple[float, float, float, float]:
@@ -219,11 +216,11 @@ def test_gaussian_input_has_kurtosis_three():
     assert stats.kurtosis == pytest.approx(3.0, abs=0.1)
 
 
-def test_matmul_input_convention_is_honoured():
+def test_statistics_are_taken_on_the_matmul_input_of_a_rotated_linear():
     rows = torch.tensor([[0.0, 0.0, 0.0, 10.0]])
     plain = collect_linear_input_stats(_Feed(nn.Linear(4, 2), rows), torch.zeros((1, 3), dtype=torch.long), progress=False)
     rotated = collect_linear_input_stats(
-        _Feed(_RotatedLinear(4, 2), rows), torch.zeros((1, 3), dtype=torch.long), progress=False
+        _Feed(_rotated_linear(4, 2), rows), torch.zeros((1, 3), dtype=torch.long), progress=False
     )
     assert plain[0].max_abs_over_rms == pytest.approx(2.0) and plain[0].max_abs == pytest.approx(10.0)
     # H4 / 2 spreads the one-hot row to [5, -5, -5, 5]: flat, so peak/RMS = 1 and |x|max = 5.

@@ -116,12 +116,13 @@ class CheckpointFolder:
         accelerator.wait_for_everyone()
         return final
 
-    def saved_structure(self, checkpoint: Path) -> tuple[list[tuple[int, int]], list[int]]:
-        """LoR2C spans and injected layers at the checkpoint: rebuilt before its tensors are loaded."""
+    def saved_structure(self, checkpoint: Path) -> dict[str, Any]:
+        """The adapters' structure at the checkpoint (LoR2C spans and injected layers): rebuilt before its
+        tensors are loaded."""
         structure = json.loads((checkpoint / STATE_NAME).read_text()).get("structure")
         if not structure:
             raise RotaqError(f"{checkpoint} records no LoR2C structure; remove the folder to start over")
-        return [tuple(span) for span in structure["spans"]], list(structure["injected_layers"])
+        return structure
 
     def load(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any) -> TrainingState:

@@ -8,10 +8,13 @@ merge formula in this package is written in those two terms.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.families import DecoderFamily
+
+if TYPE_CHECKING:
+    from rotaq.adapters.finetune import FinetuneOptions
 
 LORA = "lora"
 INPUT_SHORTCUT = "reslora-is"
@@ -82,6 +85,13 @@ class AdapterConfig:
         """The manifest's description of the adapters (the 'adapters' section adds statistics to it)."""
         values = asdict(self)
         return {"type": values.pop("kind"), **values, "targets": list(self.targets), "scaling": self.scaling}
+
+    @classmethod
+    def from_options(cls, options: FinetuneOptions, family: DecoderFamily) -> AdapterConfig:
+        pre_num = options.pre_num if options.pre_num is not None else default_pre_num(options.adapter)
+        return cls(kind=options.adapter, targets=resolve_targets(options.targets, family), rank=options.rank,
+                   alpha=options.alpha, dropout=options.dropout, pre_num=pre_num, qat=options.qat,
+                   qat_act_clip_ratio=options.qat_act_clip_ratio)
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> AdapterConfig:

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from rotaq.adapters.checkpoint import CheckpointFolder
-from rotaq.adapters.config import ADAPTER_TYPES, AdapterConfig, default_pre_num, resolve_targets
+from rotaq.adapters.config import AdapterConfig
 from rotaq.adapters.input_norms import NORM_BATCHES
-from rotaq.adapters.lor2c import LOR2C_TYPES, SCORE_METHODS, Lor2cConfig, install_lor2c, lor2c_paths
-from rotaq.adapters.structure import adapter_state_dict, install_adapters
+from rotaq.adapters.kinds import adapter_kind, adapter_type_names, install_adapter, required_adapter
+from rotaq.adapters.lor2c_config import SCORE_METHODS, Lor2cConfig
+from rotaq.adapters.structure import adapter_state_dict
 from rotaq.adapters.train import TrainConfig, TrainResult, train_adapters
 from rotaq.pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
@@ -46,7 +47,7 @@ class FinetuneOptions:
     model: str | None
     out: Path
     adapter: str = setting("lora", "lora, reslora-is/bs/ms, or a LoR2C type: lor2c, share-lor2c, merge-lor2c, "
-                                   "inject-lor2c", choices=lambda: ADAPTER_TYPES + LOR2C_TYPES)
+                                   "inject-lor2c", choices=adapter_type_names)
     targets: str | None = setting(None, "comma-separated projections, e.g. q_proj,v_proj (null: all seven)")
     rank: int = setting(8, "adapter rank", minimum=1)
     alpha: float = setting(16.0, "scaling s = alpha / rank")
@@ -89,11 +90,8 @@ def run_finetune(options: FinetuneOptions) -> Path:
     loaded = load_model(options.model)
     _refuse_unsuitable_parent(loaded, options.model)
     config = adapter_config(options, loaded)
-    if isinstance(config, Lor2cConfig):
-        paths = install_lor2c(loaded.model, loaded.family, config, seed=options.training.seed)
-        config.change_steps(options.training.steps, len(paths.layers))  # a schedule that cannot fit fails here
-    else:
-        install_adapters(loaded.model, loaded.family, config, seed=options.training.seed)
+    installed = install_adapter(loaded.model, loaded.family, config, seed=options.training.seed)
+    installed.change_steps(options.training.steps)  # a schedule that cannot fit fails here, before training
     train_windows = load_split_windows(DataSpec(options.data, options.seq_len), loaded.tokenizer, "train")
     eval_windows = load_split_windows(DataSpec(options.data, options.seq_len, options.eval_tokens), loaded.tokenizer,
                                       "evaluation")
@@ -111,23 +109,8 @@ def run_finetune(options: FinetuneOptions) -> Path:
 
 
 def adapter_config(options: FinetuneOptions, loaded: LoadedModel) -> AdapterConfig | Lor2cConfig:
-    if options.adapter in LOR2C_TYPES:
-        return lor2c_config(options)
-    pre_num = options.pre_num if options.pre_num is not None else default_pre_num(options.adapter)
-    return AdapterConfig(kind=options.adapter, targets=resolve_targets(options.targets, loaded.family),
-                         rank=options.rank, alpha=options.alpha, dropout=options.dropout, pre_num=pre_num,
-                         qat=options.qat, qat_act_clip_ratio=options.qat_act_clip_ratio)
-
-
-def lor2c_config(options: FinetuneOptions) -> Lor2cConfig:
-    """LoR2C paths take rank, alpha and the schedule; the (Res)LoRA-only options are refused, not ignored."""
-    refused = {"--targets": options.targets is not None, "--pre-num": options.pre_num is not None,
-               "--dropout": options.dropout > 0, "--qat": options.qat is not None}
-    if given := [name for name, is_set in refused.items() if is_set]:
-        raise RotaqError(f"{', '.join(given)} do(es) not apply to {options.adapter}: LoR2C paths span whole "
-                         "layers (no targets or shortcuts), and QAT of LoR2C is not implemented")
-    return Lor2cConfig(kind=options.adapter, rank=options.rank, alpha=options.alpha, score=options.lor2c_score,
-                       top_k=options.lor2c_top_k, changes=options.lor2c_changes, interval=options.lor2c_interval)
+    """The configuration of the adapter kind `options.adapter` names, from the fine-tune options."""
+    return adapter_kind(options.adapter).resolve("config").from_options(options, loaded.family)
 
 
 def _refuse_unreplaceable_out(out: Path) -> None:
@@ -171,8 +154,8 @@ def _write_folder(options: FinetuneOptions, loaded: LoadedModel, config: Adapter
                             "trainable_parameters": sum(tensor.numel() for tensor in tensors.values()),
                             "input_norm_ratios": result.input_norm_ratios, "input_norm_batches": NORM_BATCHES,
                             "training": training_summary(result.log, eval_windows)}
-    if (paths := lor2c_paths(loaded.model)) is not None:
-        manifest["adapters"].update(paths.describe(), structure_changes=result.log.get("structure_changes", []))
+    if structure := required_adapter(loaded.model).describe():
+        manifest["adapters"].update(structure, structure_changes=result.log.get("structure_changes", []))
     write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest, extra_writers={
         ADAPTERS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
         TRAINING_LOG_FILE: lambda path: path.write_text(json.dumps(result.log, indent=1) + "\n"),

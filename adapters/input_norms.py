@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 from rotaq.adapters.config import AdapterConfig
-from rotaq.adapters.structure import InstalledAdapters
+from rotaq.adapters.kinds import InstalledAdapter
 
 NORM_BATCHES = 100
 
@@ -18,11 +18,11 @@ NORM_BATCHES = 100
 class InputNormHistory:
     """Per projection and layer, the mean ‖x_n‖ of each of the last `window` training batches."""
 
-    def __init__(self, installed: InstalledAdapters | None, window: int = NORM_BATCHES) -> None:
-        """`installed` None (LoR2C paths, which have no shortcuts to merge) keeps no statistics."""
+    def __init__(self, installed: InstalledAdapter, window: int = NORM_BATCHES) -> None:
+        """Adapters without shortcuts to merge (LoRA, ResLoRA-bs, LoR2C paths) keep no statistics."""
         self.installed = installed
-        has_shortcuts = installed is not None and installed.config.has_shortcuts
-        layer_count = len(installed.decoder_layers) if installed is not None else 0
+        has_shortcuts = installed.config.has_shortcuts
+        layer_count = len(installed.decoder_layers) if has_shortcuts else 0
         projections = installed.chains if has_shortcuts else {}
         self.history = {p: [deque(maxlen=window) for _ in range(layer_count)] for p in projections}
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from rotaq.adapters.config import AdapterConfig
-from rotaq.adapters.lor2c import LOR2C_TYPES, lor2c_paths, side_path_section
+from rotaq.adapters.kinds import LOR2C_PATHS, PER_LINEAR, adapter_kind, required_adapter
+from rotaq.adapters.lor2c_paths import side_path_section
 from rotaq.adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
 from rotaq.adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
 from rotaq.eval.metrics import evaluate
@@ -65,8 +66,12 @@ def run_merge(options: MergeOptions) -> tuple[Path, dict[str, Any]]:
     refuse_output_over_input(options.out, options.model)
     adapted = load_model(options.model)
     section = _adapters_section(adapted, options.model)
-    if section["type"] in LOR2C_TYPES:
-        return _merge_lor2c(options, adapted, section)
+    return MERGES[adapter_kind(section["type"]).name](options, adapted, section)
+
+
+def _merge_per_linear(options: MergeOptions, adapted: LoadedModel, section: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Fold every adapter into its linear's weight: exactly (LoRA, ResLoRA-bs) or by the chosen method for
+    shortcut types."""
     config = AdapterConfig.from_section(section)
     set_fake_quantization(adapted.model, None)  # the merge error is measured in float; QAT is recorded below
     installed = installed_adapters(adapted.model)
@@ -119,7 +124,7 @@ def _merge_lor2c(options: MergeOptions, adapted: LoadedModel, section: dict[str,
     """Fold injected LoRA into q_proj / v_proj (exact); keep the paths, which span nonlinear layers and so fold
     into no weight, as low-rank side paths that the quantize and export stages carry."""
     merged = load_model(options.model)
-    paths = lor2c_paths(merged.model)
+    paths = required_adapter(merged.model)
     folded = sorted(paths.fold_injected(merged.model))
     side_paths = side_path_section(paths)
     merge_section = {"adapter_type": section["type"], "method": "exact", "exact": True, "qat": None,
@@ -127,6 +132,10 @@ def _merge_lor2c(options: MergeOptions, adapted: LoadedModel, section: dict[str,
                      "side_path_parameters": side_paths["parameters"],
                      **_measured_error(merged.model, adapted, _merge_data(options, adapted), options)}
     return _write_merged(options, adapted, merged, merge_section, {"side_paths": side_paths}), merge_section
+
+
+# How each adapter kind merges (adapters/kinds.py).
+MERGES = {PER_LINEAR.name: _merge_per_linear, LOR2C_PATHS.name: _merge_lor2c}
 
 
 def _adapters_section(loaded: LoadedModel, reference: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from rotaq.adapters.config import ADAPTER_TYPES, resolve_targets
-from rotaq.adapters.lor2c import (DEFAULT_CHANGES, INJECT_LOR2C, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
+from rotaq.adapters.lor2c_config import (DEFAULT_CHANGES, INJECT_LOR2C, LOR2C, MERGE_LOR2C, SHARE_LOR2C,
                                   Lor2cConfig, inject_targets, lor2c_parameter_count)
 from rotaq.pipeline.families import DecoderFamily, decoder_layers
 

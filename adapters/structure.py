@@ -1,12 +1,15 @@
-"""Put adapters into a model, find them again, and take them out.
+"""Put per-linear adapters (LoRA, ResLoRA) into a model, find them again, and take them out; and the
+functions every stage calls for the adapters of either kind (state dict, trainable parameters).
 
-`install_adapter_structure` is what `rotaq.pipeline.structure` calls for a manifest with an 'adapters'
-section: it rebuilds the adapter modules (their tensors come from model.safetensors right after).
+`InstalledAdapters` is the per-linear kind's `InstalledAdapter` (adapters/kinds.py);
+`install_adapter_structure` (there) is what `rotaq.pipeline.structure` calls for a manifest with an
+'adapters' section: it rebuilds the adapter modules (their tensors come from model.safetensors right after).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +19,11 @@ from torch.utils.hooks import RemovableHandle
 
 from rotaq.adapters.chain import ProjectionChain, refuse_reentrant_checkpointing
 from rotaq.adapters.config import LORA, AdapterConfig
+from rotaq.adapters.kinds import attach, detach, refuse_installed, required_adapter
 from rotaq.adapters.layers import AdaptedLinear, LowRankAdapter
-from rotaq.adapters.lor2c import LOR2C_TYPES, install_lor2c_structure, lor2c_paths
 from rotaq.adapters.qat import FakeQuantizers
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
-
-_ATTRIBUTE = "rotaq_adapters"
 
 
 @dataclass
@@ -52,6 +53,34 @@ class InstalledAdapters:
         for chain in self.chains.values():
             chain.track_input_norms = enabled
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, linear in self.adapted_linears() for p in linear.adapter.parameters()]
+
+    def named_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        return {f"{path}.adapter.{name}": tensor.detach() for path, linear in self.adapted_linears()
+                for name, tensor in linear.adapter.state_dict().items()}
+
+    def describe(self) -> dict[str, Any]:
+        """Nothing beyond the config: the adapters sit on the configured targets of every layer."""
+        return {}
+
+    def rebuild(self, structure: dict[str, Any]) -> None:
+        if structure:
+            raise ArtifactError(f"{self.config.kind} adapters have no structure to rebuild, got {sorted(structure)}")
+
+    def change_steps(self, total_steps: int) -> list[int]:
+        return []
+
+    def change_structure(self) -> dict[str, Any]:
+        raise RotaqError(f"{self.config.kind} has no structure changes")
+
+    def side_paths(self) -> list[nn.Module]:
+        return []  # everything folds into the weights on merge
+
+    def layer_by_layer(self) -> AbstractContextManager[None]:
+        """The adapters live inside the linears, so layer-at-a-time execution applies them as it is."""
+        return nullcontext()
+
 
 def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterConfig,
                      seed: int = 0) -> InstalledAdapters:
@@ -59,8 +88,7 @@ def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterCon
 
     Everything is checked before the first module is replaced, so a bad configuration leaves the model as it was.
     """
-    if _ATTRIBUTE in vars(model):
-        raise RotaqError("this model already has adapters; merge them first (rotaq merge)")
+    refuse_installed(model, "this model already has adapters; merge them first (rotaq merge)")
     layers = decoder_layers(model, family)
     _check_targets(layers, config)
     fake_quantizers = FakeQuantizers(config.qat, config.qat_act_clip_ratio) if config.qat else None
@@ -81,7 +109,7 @@ def install_adapters(model: nn.Module, family: DecoderFamily, config: AdapterCon
             chain.adapters.append(adapter)
     installed = InstalledAdapters(config, family, chains, layers)
     installed.reset_hook = model.register_forward_pre_hook(installed.start_forward)
-    setattr(model, _ATTRIBUTE, installed)
+    attach(model, installed)
     return installed
 
 
@@ -101,29 +129,22 @@ def _check_targets(layers: nn.ModuleList, config: AdapterConfig) -> None:
             raise RotaqError(f"{config.kind} mixes layers, but {projection} has different shapes across layers")
 
 
-def install_adapter_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> None:
+def install_per_linear_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> InstalledAdapters:
     """Rebuild the adapter modules a finetune folder describes; their tensors are loaded afterwards."""
-    if section["type"] in LOR2C_TYPES:
-        install_lor2c_structure(model, family, section)
-    else:
-        install_adapters(model, family, AdapterConfig.from_section(section))
+    return install_adapters(model, family, AdapterConfig.from_section(section))
 
 
 def installed_adapters(model: nn.Module) -> InstalledAdapters:
-    """The adapters `install_adapters` put into `model`, or a clear error if it has none."""
-    installed = vars(model).get(_ATTRIBUTE)
-    if installed is None:
-        raise ArtifactError("the model has no adapters (nothing to merge); pass a finetune stage folder")
+    """The per-linear adapters `install_adapters` put into `model`, or a clear error if it has none."""
+    installed = required_adapter(model)
+    if not isinstance(installed, InstalledAdapters):
+        raise ArtifactError(f"the model holds {installed.config.kind} paths, not per-linear adapters")
     return installed
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor (or LoR2C tensor), under its name in the model's state dict."""
-    if (paths := lor2c_paths(model)) is not None:
-        return paths.named_tensors(model)
-    return {f"{path}.adapter.{name}": tensor.detach()
-            for path, linear in installed_adapters(model).adapted_linears()
-            for name, tensor in linear.adapter.state_dict().items()}
+    return required_adapter(model).named_tensors(model)
 
 
 @torch.no_grad()
@@ -141,11 +162,7 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 def mark_only_adapters_trainable(model: nn.Module) -> list[nn.Parameter]:
     """Freeze the base model; return the adapter parameters, in a fixed order, for the optimizer."""
     model.requires_grad_(False)
-    if (paths := lor2c_paths(model)) is not None:
-        parameters = list(paths.parameters())
-    else:
-        parameters = [p for _, linear in installed_adapters(model).adapted_linears()
-                      for p in linear.adapter.parameters()]
+    parameters = required_adapter(model).trainable_parameters()
     for parameter in parameters:
         parameter.requires_grad_(True)
     return parameters
@@ -167,4 +184,4 @@ def remove_adapters(model: nn.Module, merged_weights: dict[str, Tensor]) -> None
     for path, linear in list(installed.adapted_linears()):
         set_submodule(model, path, linear.base_layer(merged_weights[path]))
     installed.reset_hook.remove()
-    delattr(model, _ATTRIBUTE)
+    detach(model)

@@ -22,8 +22,8 @@ from rotaq.pipeline.progress import progress_bar
 
 from rotaq.adapters.checkpoint import CheckpointFolder, TrainingState
 from rotaq.adapters.input_norms import InputNormHistory, norm_ratios
-from rotaq.adapters.lor2c import Lor2cPaths, lor2c_paths
-from rotaq.adapters.structure import adapter_state_dict, installed_adapters, mark_only_adapters_trainable
+from rotaq.adapters.kinds import InstalledAdapter, required_adapter
+from rotaq.adapters.structure import adapter_state_dict, mark_only_adapters_trainable
 from rotaq.eval.metrics import evaluate
 from rotaq.pipeline.errors import NonFiniteError, RotaqError
 from rotaq.pipeline.options import setting
@@ -109,19 +109,17 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
     """Train the adapters installed in `model` for `config.steps` optimizer steps (from a checkpoint if given)."""
     started = time.perf_counter()
     model.to(accelerator.device)  # before the optimizer exists, so a restored optimizer state lands there too
-    side_paths = lor2c_paths(model)
-    installed = None if side_paths is not None else installed_adapters(model)
-    change_steps = _structure_change_steps(side_paths, config, accelerator)
-    if resume_from is not None and side_paths is not None:
-        side_paths.build(*checkpoints.saved_structure(resume_from))
+    installed = required_adapter(model)
+    change_steps = _structure_change_steps(installed, config, accelerator)
+    if resume_from is not None and installed.describe():
+        installed.rebuild(checkpoints.saved_structure(resume_from))
     parameters = mark_only_adapters_trainable(model)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _cosine_schedule(optimizer, config)
     norm_history = InputNormHistory(installed)
-    if installed is not None:
-        installed.track_input_norms(installed.config.has_shortcuts)
+    installed.track_input_norms(installed.config.has_shortcuts)
     _seed_process(config.seed, accelerator.process_index)
     state = TrainingState(step=0, log=new_log(), input_norms=norm_history.state_dict())
     if resume_from is not None:
@@ -145,7 +143,7 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if state.step in change_steps:
-                parameters, optimizer, scheduler = _change_structure(model, side_paths, optimizer, scheduler, config,
+                parameters, optimizer, scheduler = _change_structure(model, installed, optimizer, scheduler, config,
                                                                      state)
             finished = state.step == config.steps
             if finished or (config.eval_every and state.step % config.eval_every == 0):
@@ -153,35 +151,30 @@ def train_adapters(model: nn.Module, train_windows: Tensor, eval_windows: Tensor
             if finished or (config.save_every and state.step % config.save_every == 0):
                 state.log["wall_time_s"] = wall_offset + time.perf_counter() - started
                 state.input_norms = norm_history.state_dict()
-                checkpoints.save(state, model, optimizer, scheduler,
-                                 side_paths.describe() if side_paths is not None else None)
+                checkpoints.save(state, model, optimizer, scheduler, installed.describe() or None)
     finally:
         bar.close()
-        if installed is not None:
-            installed.track_input_norms(False)
+        installed.track_input_norms(False)
         if config.gradient_checkpointing:
             model.activation_checkpointing_disable()
         model.eval()
     return _finish(model, state, norm_history, wall_offset + time.perf_counter() - started, accelerator)
 
 
-def _structure_change_steps(side_paths: Lor2cPaths | None, config: TrainConfig, accelerator: Any) -> list[int]:
+def _structure_change_steps(installed: InstalledAdapter, config: TrainConfig, accelerator: Any) -> list[int]:
     """The steps after which merge-lor2c / inject-lor2c change their paths (none for other adapters)."""
-    if side_paths is None:
-        return []
-    steps = side_paths.config.change_steps(config.steps, len(side_paths.layers))
+    steps = installed.change_steps(config.steps)
     if steps and accelerator.num_processes > 1:
-        raise RotaqError(f"{side_paths.config.kind} changes its parameters during training, which data-parallel "
+        raise RotaqError(f"{installed.config.kind} changes its parameters during training, which data-parallel "
                          "training cannot follow; train it in one process")
     return steps
 
 
-def _change_structure(model: nn.Module, side_paths: Lor2cPaths, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _change_structure(model: nn.Module, installed: InstalledAdapter, optimizer: torch.optim.Optimizer, scheduler: Any,
                       config: TrainConfig, state: TrainingState) -> tuple[list[nn.Parameter], Any, Any]:
     """Merge or inject once, then rebuild the optimizer over the parameters now present: the survivors keep
     their Adam moments, the new ones start fresh, and the learning-rate schedule goes on where it was."""
-    scores = side_paths.scores()
-    side_paths.change_structure()
+    change = installed.change_structure()
     parameters = mark_only_adapters_trainable(model)
     rebuilt = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     for parameter in parameters:
@@ -191,9 +184,7 @@ def _change_structure(model: nn.Module, side_paths: Lor2cPaths, optimizer: torch
     rebuilt_scheduler.load_state_dict(scheduler.state_dict())
     for group, lr in zip(rebuilt.param_groups, rebuilt_scheduler.get_last_lr()):
         group["lr"] = lr
-    state.log.setdefault("structure_changes", []).append({
-        "step": state.step, "kind": side_paths.config.kind, "scores_before": scores, **side_paths.describe(),
-        "trainable_parameters": side_paths.parameter_count()})
+    state.log.setdefault("structure_changes", []).append({"step": state.step, "kind": installed.config.kind, **change})
     return parameters, rebuilt, rebuilt_scheduler
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rotaq.adapters.lor2c import lor2c_paths
+from rotaq.adapters.kinds import installed_adapter
 from rotaq.eval.metrics import evaluate
 from rotaq.eval.tables import markdown_table
 from rotaq.pipeline.data import DataSpec, load_split_windows
@@ -28,7 +28,7 @@ from rotaq.quantizers.schemes import parse_scheme
 
 def quantize_paths(model: torch.nn.Module, weight_bits: int, act_bits: int) -> None:
     """Replace every path's weights by their RTN fake-quant and quantize its two matmul inputs per token."""
-    paths = lor2c_paths(model)
+    paths = installed_adapter(model)  # the merged model's LoR2C side paths
     done: set[int] = set()
     with torch.no_grad():
         for path in paths.paths:

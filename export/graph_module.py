@@ -193,14 +193,12 @@ class SidePath(nn.Module):
 
 def side_paths_of(model: nn.Module) -> nn.ModuleList:
     """The model's LoR2C side paths for the graph; one Aᵀ initializer for a shared A."""
-    from rotaq.adapters.lor2c import lor2c_paths
+    from rotaq.adapters.kinds import installed_adapter
 
-    installed = lor2c_paths(model)
-    if installed is None:
-        return nn.ModuleList()
+    installed = installed_adapter(model)
     downs: dict[int, nn.Parameter] = {}
     paths = nn.ModuleList()
-    for path in installed.paths:
+    for path in installed.side_paths() if installed is not None else []:
         if id(path.lora_A) not in downs:
             downs[id(path.lora_A)] = nn.Parameter(path.lora_A.detach().t().contiguous(), requires_grad=False)
         up_t = nn.Parameter((path.scaling * path.lora_B.detach()).t().contiguous(), requires_grad=False)

@@ -25,8 +25,8 @@ class Installer(NamedTuple):
 
 INSTALLERS = (
     Installer("rotation", "rotaq.rotations.rotate", "install_rotation_structure", takes_family=False),
-    Installer("adapters", "rotaq.adapters.structure", "install_adapter_structure"),
-    Installer("side_paths", "rotaq.adapters.lor2c", "install_lor2c_structure"),
+    Installer("adapters", "rotaq.adapters.kinds", "install_adapter_structure"),
+    Installer("side_paths", "rotaq.adapters.kinds", "install_adapter_structure"),  # what LoR2C leaves after a merge
     Installer("quantization", "rotaq.quantizers.structure", "install_quantization_structure"),
 )
 

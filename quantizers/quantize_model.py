@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from rotaq.pipeline.progress import progress_bar
 
-from rotaq.adapters.lor2c import LayerByLayer, lor2c_paths
+from rotaq.adapters.kinds import installed_adapter
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.families import DecoderFamily, decoder_layers
 from rotaq.quantizers.calibration import (
@@ -37,6 +38,9 @@ from rotaq.quantizers.linear import (  # noqa: F401  (activation_block, kv_cache
 from rotaq.quantizers.rtn import QuantizedWeight, quantize_weight_rtn
 from rotaq.quantizers.schemes import QuantScheme
 from rotaq.quantizers.structure import install_quantized_linear
+
+if TYPE_CHECKING:
+    from rotaq.adapters.lor2c_layer_by_layer import LayerByLayer
 
 WEIGHT_METHODS = ("rtn", "gptq")
 
@@ -134,8 +138,8 @@ def quantize_model(model: nn.Module, family: DecoderFamily, settings: QuantizeSe
     inputs = (capture_first_layer_inputs(model, family, calibration_windows, settings.batch_size)
               if settings.weights == "gptq" else None)
     layer_specs = decoder_layer_specs(scheme, family, model)
-    side_paths = lor2c_paths(model)
-    with side_paths.layer_by_layer() if side_paths is not None and inputs is not None else nullcontext() as runner:
+    adapters = installed_adapter(model)  # a merged LoR2C model keeps its side paths
+    with adapters.layer_by_layer() if adapters is not None and inputs is not None else nullcontext() as runner:
         bar = progress_bar(layers, desc=f"quantize {scheme.name} ({settings.weights})", disable=not settings.progress)
         for index, layer in enumerate(bar):
             layer_codes = _quantize_layer(layer, index, layer_specs, inputs, runner, settings, family)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rotaq.adapters.lor2c import (INJECT_LOR2C, LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, LoraLinear, Lor2cConfig,
-                            install_lor2c, lor2c_parameter_count, path_score)
+from rotaq.adapters.lor2c_config import (INJECT_LOR2C, LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig,
+                                         lor2c_parameter_count)
+from rotaq.adapters.lor2c_paths import LoraLinear, install_lor2c
+from rotaq.adapters.lor2c_scores import path_score
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.families import family_for_model as family_for
 from tests.tiny_models import tiny_model

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from rotaq.adapters.finetune import ADAPTERS_FILE, TRAINING_LOG_FILE, run_finetune
-from rotaq.adapters.lor2c import INJECT_LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig, install_lor2c, \
-    lor2c_paths
+from rotaq.adapters.kinds import installed_adapter
+from rotaq.adapters.lor2c_config import INJECT_LOR2C, LOR2C_TYPES, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig
+from rotaq.adapters.lor2c_paths import install_lor2c
 from rotaq.adapters.merge_stage import MergeOptions, run_merge
 from rotaq.export.checks import check_graph_matches_model
 from rotaq.export.stage import ExportOptions, build_graph, run_export
@@ -67,7 +68,7 @@ def test_finetune_folder_reloads_the_trained_paths(rotated: Path, tiny_text_file
     log = json.loads((out / TRAINING_LOG_FILE).read_text())
     assert log["evaluations"][-1]["perplexity"] < log["evaluations"][0]["perplexity"]
     loaded = load_model(str(out))
-    paths = lor2c_paths(loaded.model)
+    paths = installed_adapter(loaded.model)
     assert [list(span) for span in paths.spans()] == section["spans"]
     assert paths.injected_layers() == section["injected_layers"]
     assert (len(paths.injected_layers()) == 1) == (kind == INJECT_LOR2C)
@@ -123,8 +124,8 @@ def test_merge_folds_injected_lora_exactly_and_keeps_the_side_paths(side_path_fo
     hidden = 48
     assert side_paths["flops_per_token"] == 2 * 4 * 4 * hidden and side_paths["parameters"] == 2 * 2 * 4 * hidden
     loaded = load_model(str(side_path_folder))
-    assert lor2c_paths(loaded.model).injected == {}
-    assert all(path.lora_B.abs().sum() > 0 for path in lor2c_paths(loaded.model).paths)
+    assert installed_adapter(loaded.model).injected == {}
+    assert all(path.lora_B.abs().sum() > 0 for path in installed_adapter(loaded.model).paths)
 
 
 def test_layer_by_layer_calibration_adds_paths_that_span_layers() -> None:
@@ -162,7 +163,7 @@ def test_quantized_model_keeps_float_side_paths_and_its_graph_matches(side_path_
     assert manifest["quantization"]["side_paths"] == "float32"
     loaded = load_model(str(quantized))
     merged = load_model(str(side_path_folder))
-    for kept, original in zip(lor2c_paths(loaded.model).paths, lor2c_paths(merged.model).paths):
+    for kept, original in zip(installed_adapter(loaded.model).paths, installed_adapter(merged.model).paths):
         assert torch.equal(kept.lora_B, original.lora_B)
     graph = build_graph(loaded)
     assert len(graph.side_paths) == 2

@@ -1,5 +1,5 @@
-"""LoR2C: low-rank residual connections that span whole decoder layers, and their Share / Merge / Inject
-variants.
+"""LoR2C paths at run time: low-rank residual connections that span whole decoder layers, the hooks that
+apply them, and the structure changes of merge-lor2c and inject-lor2c.
 
 A path p spans layers first(p)..last(p) and adds, to the output hidden state of layer last(p),
 
@@ -10,20 +10,11 @@ are in the rotated basis and so are the paths. A path is attached with forward h
 layers (a pre-hook on its first layer keeps h_in, a hook on its last layer adds the product), so the
 decoder layers themselves stay the Hugging Face modules and every other stage still sees them.
 
-Variants (`LOR2C_TYPES`):
-- `lor2c`: one path per layer;
-- `share-lor2c`: one A shared by every path, a B of its own per path;
-- `merge-lor2c`: `merge_weakest_pair` replaces the adjacent pair of paths with the smallest summed score
-  by one path from the input of the first to the output of the second; its new parameters are returned
-  so the caller adds them to the optimizer;
-- `inject-lor2c`: `inject_lora` removes the path with the largest score and puts plain LoRA on q_proj
-  and v_proj of its layer.
-
-A path's score is computed from the singular values σ of s·B A. The default, their mean (`mean`), grows
-with the size of the path's update, so merge takes the pair carrying least of it and inject the path
-carrying most; it is also what the authors' code (github.com/Oblivioniss/LoR2C) uses unless `sfs_k` is
-given. `top-share`, the share of the top-k singular values in their sum (their SFS with `sfs_k`), says how
-concentrated an update is, not how large: scaling a path's B leaves it unchanged.
+`merge_weakest_pair` replaces the adjacent pair of paths with the smallest summed score by one path from
+the input of the first to the output of the second; `inject_lora` removes the path with the largest score
+and puts plain LoRA on q_proj and v_proj of its layer. The variants and the schedule are configured in
+adapters/lor2c_config.py, the score is adapters/lor2c_scores.py, and GPTQ's layer-at-a-time runner is
+adapters/lor2c_layer_by_layer.py. `Lor2cPaths` is the LoR2C kind's `InstalledAdapter` (adapters/kinds.py).
 
 Written here rather than taken from PEFT: PEFT adapts modules one by one and has no adapter that spans
 a nonlinear block from one layer's input to another layer's output.
@@ -33,100 +24,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from rotaq.adapters.kinds import attach, detach, refuse_installed
 from rotaq.adapters.layers import LowRankAdapter
+from rotaq.adapters.lor2c_config import INJECT_LOR2C, MERGE_LOR2C, SHARE_LOR2C, Lor2cConfig, inject_targets
+from rotaq.adapters.lor2c_layer_by_layer import LayerByLayer
+from rotaq.adapters.lor2c_scores import path_score
 from rotaq.pipeline.errors import ArtifactError, RotaqError
 from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
 
-LOR2C = "lor2c"
-SHARE_LOR2C = "share-lor2c"
-MERGE_LOR2C = "merge-lor2c"
-INJECT_LOR2C = "inject-lor2c"
-LOR2C_TYPES = (LOR2C, SHARE_LOR2C, MERGE_LOR2C, INJECT_LOR2C)
-SCORE_METHODS = ("top-share", "mean")
-_ATTRIBUTE = "rotaq_lor2c"
 SIDE_PATHS = "rotaq_side_paths"  # the submodule holding the paths: their state-dict prefix
-
-
-DEFAULT_CHANGES = {MERGE_LOR2C: 4, INJECT_LOR2C: 2}
-
-
-def inject_targets(family: DecoderFamily) -> tuple[str, str]:
-    """Where inject-lor2c puts LoRA: q_proj and v_proj, as in the LoR2C paper (and PEFT's default targets)."""
-    return (family.query, family.value)
-
-
-@dataclass(frozen=True)
-class Lor2cConfig:
-    kind: str = LOR2C
-    rank: int = 8
-    alpha: float = 16.0
-    score: str = "mean"  # see the module docstring: the mean ranks paths by how much update they carry
-    top_k: int = 1  # singular values counted by the top-share score
-    changes: int | None = None  # merges (merge-lor2c) or injections (inject-lor2c); None: the type's default
-    interval: int | None = None  # optimizer steps between changes; None: spread evenly over training
-
-    def __post_init__(self) -> None:
-        if self.kind not in LOR2C_TYPES:
-            raise RotaqError(f"unknown LoR2C type '{self.kind}'; choose one of {', '.join(LOR2C_TYPES)}")
-        if self.rank < 1:
-            raise RotaqError(f"--rank must be at least 1, got {self.rank}")
-        if self.score not in SCORE_METHODS:
-            raise RotaqError(f"unknown path score '{self.score}'; choose one of {', '.join(SCORE_METHODS)}")
-        if not 1 <= self.top_k <= self.rank:
-            raise RotaqError(f"top_k must be in [1, rank = {self.rank}], got {self.top_k}")
-        if self.changes is not None and self.kind not in DEFAULT_CHANGES and self.changes != 0:
-            raise RotaqError(f"--lor2c-changes applies to {MERGE_LOR2C} and {INJECT_LOR2C} only")
-        if self.changes is not None and self.changes < 0:
-            raise RotaqError(f"--lor2c-changes must not be negative, got {self.changes}")
-        if self.interval is not None and self.interval < 1:
-            raise RotaqError(f"--lor2c-interval must be at least 1, got {self.interval}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def change_count(self) -> int:
-        return self.changes if self.changes is not None else DEFAULT_CHANGES.get(self.kind, 0)
-
-    def change_steps(self, total_steps: int, layers: int) -> list[int]:
-        """The optimizer steps after which a merge or injection happens.
-
-        By default they are spread evenly, so the last new parameters train for as many steps as the
-        first paths trained before the first change.
-        """
-        count = self.change_count
-        if count == 0:
-            return []
-        limit = layers - 1 if self.kind == MERGE_LOR2C else layers
-        if count > limit:
-            raise RotaqError(f"{self.kind} cannot make {count} changes on a model with {layers} layers "
-                             f"(at most {limit})")
-        interval = self.interval or total_steps // (count + 1)
-        steps = [interval * (index + 1) for index in range(count)]
-        if interval < 1 or steps[-1] >= total_steps:
-            raise RotaqError(f"{count} {self.kind} changes every {interval or 0} steps do not fit in {total_steps} "
-                             "steps with steps left to train the new parameters: raise --steps or lower "
-                             "--lor2c-changes / --lor2c-interval")
-        return steps
-
-    def to_section(self) -> dict[str, Any]:
-        values = asdict(self)
-        return {"type": values.pop("kind"), **values, "scaling": self.scaling}
-
-    @classmethod
-    def from_section(cls, section: dict[str, Any]) -> Lor2cConfig:
-        return cls(kind=section["type"], rank=int(section["rank"]), alpha=float(section["alpha"]),
-                   score=section.get("score", "top-share"), top_k=int(section.get("top_k", 1)),
-                   changes=section.get("changes"), interval=section.get("interval"))
-
 
 class ResidualPath(nn.Module):
     """s·B·A from the input of layer `first` to the output of layer `last` (first ≤ last)."""
@@ -211,8 +124,23 @@ class Lor2cPaths:
                     seen.add(id(parameter))
                     yield parameter
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
     def parameter_count(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
+
+    def rebuild(self, structure: dict[str, Any]) -> None:
+        self.build([tuple(span) for span in structure["spans"]], list(structure["injected_layers"]))
+
+    def change_steps(self, total_steps: int) -> list[int]:
+        return self.config.change_steps(total_steps, len(self.layers))
+
+    def track_input_norms(self, enabled: bool) -> None:
+        """Nothing to measure: LoR2C paths have no shortcuts whose merge needs input norms."""
+
+    def side_paths(self) -> list[nn.Module]:
+        return list(self.paths)
 
     def named_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """Every trainable tensor under its (first) name in the model's state dict."""
@@ -223,13 +151,17 @@ class Lor2cPaths:
         """One score per path, in path order (see the module docstring)."""
         return [path_score(path, self.config) for path in self.paths]
 
-    def change_structure(self) -> list[nn.Parameter]:
-        """One scheduled change of merge-lor2c or inject-lor2c; returns the new parameters."""
+    def change_structure(self) -> dict[str, Any]:
+        """One scheduled change of merge-lor2c or inject-lor2c; returns the scores it acted on and the new
+        structure, as the training log records them."""
+        scores = self.scores()
         if self.config.kind == MERGE_LOR2C:
-            return self.merge_weakest_pair()
-        if self.config.kind == INJECT_LOR2C:
-            return self.inject_lora()[1]
-        raise RotaqError(f"{self.config.kind} has no structure changes")
+            self.merge_weakest_pair()
+        elif self.config.kind == INJECT_LOR2C:
+            self.inject_lora()
+        else:
+            raise RotaqError(f"{self.config.kind} has no structure changes")
+        return {"scores_before": scores, **self.describe(), "trainable_parameters": self.parameter_count()}
 
     def merge_weakest_pair(self) -> list[nn.Parameter]:
         """Replace the adjacent pair (p, q), last(p) + 1 = first(q), with the smallest summed score by one path
@@ -338,7 +270,7 @@ class Lor2cPaths:
         for path, wrapped in self.injected.items():
             set_submodule(model, path, wrapped.base)
         self.injected.clear()
-        vars(model).pop(_ATTRIBUTE, None)
+        detach(model)
         if SIDE_PATHS in model._modules:
             delattr(model, SIDE_PATHS)
 
@@ -352,29 +284,6 @@ class Lor2cPaths:
                 set_submodule(model, path, wrapped.base)
         self.injected.clear()
         return merged
-
-
-@dataclass
-class LayerByLayer:
-    """The side paths for layer-at-a-time execution: keep the input batches of every path's first layer,
-    add each path's product to the output batches of its last layer."""
-
-    paths: list[ResidualPath]
-    kept: dict[int, list[Tensor]] = field(default_factory=dict)
-
-    def before_layer(self, index: int, hidden_states: list[Tensor]) -> None:
-        if any(path.first == index for path in self.paths):
-            self.kept[index] = list(hidden_states)
-
-    @torch.no_grad()
-    def after_layer(self, index: int, outputs: list[Tensor]) -> list[Tensor]:
-        ending = [path for path in self.paths if path.last == index]
-        for path in ending:
-            outputs = [output + path(kept) for output, kept in zip(outputs, self.kept[path.first])]
-        for first in [first for first in self.kept if all(path.last <= index for path in self.paths
-                                                           if path.first == first)]:
-            del self.kept[first]  # no path still needs this layer's inputs
-        return outputs
 
 
 def _hidden_argument(args: tuple, kwargs: dict[str, Any]) -> Tensor:
@@ -396,25 +305,11 @@ def _add_paths(inputs: dict[int, Tensor], paths: list[ResidualPath]) -> Any:
     return hook
 
 
-def path_score(path: ResidualPath, config: Lor2cConfig) -> float:
-    """Score of a path from the singular values of s·B·A (rank-sized: computed from the r × r core)."""
-    with torch.no_grad():
-        # σ(B A) = σ(R_B R_Aᵀ) with B = Q_B R_B and Aᵀ = Q_A R_A, which avoids a hidden × hidden SVD.
-        r_b = torch.linalg.qr(path.lora_B.double(), mode="r").R
-        r_a = torch.linalg.qr(path.lora_A.double().T, mode="r").R
-        singular = torch.linalg.svdvals(path.scaling * (r_b @ r_a.T))
-    if config.score == "mean":
-        return float(singular.mean())
-    total = float(singular.sum())
-    return float(singular[:config.top_k].sum()) / total if total > 0 else 0.0
-
-
 def install_lor2c(model: nn.Module, family: DecoderFamily, config: Lor2cConfig, seed: int = 0,
                   spans: list[tuple[int, int]] | None = None, injected_layers: list[int] = ()) -> Lor2cPaths:
     """Zero-effect paths (default: one per decoder layer; A shared for share-lor2c), plus LoRA on the given
     injected layers; returns the installed paths."""
-    if _ATTRIBUTE in vars(model):
-        raise RotaqError("this model already has LoR2C paths")
+    refuse_installed(model, "this model already has LoR2C paths or adapters")
     layers = decoder_layers(model, family)
     module = SidePathModule()
     installed = Lor2cPaths(config, family, layers, module, seed)
@@ -423,19 +318,8 @@ def install_lor2c(model: nn.Module, family: DecoderFamily, config: Lor2cConfig, 
     model.add_module(SIDE_PATHS, module)
     # A new forward pass starts with no kept inputs, so nothing of the last pass (or its graph) lingers.
     installed.reset_hook = model.register_forward_pre_hook(lambda module, args: installed._inputs.clear())
-    vars(model)[_ATTRIBUTE] = installed
+    attach(model, installed)
     return installed
-
-
-def lor2c_parameter_count(hidden: int, layers: int, config: Lor2cConfig) -> int:
-    """Trainable parameters at install time: (A + B) per layer, or one shared A plus a B per layer."""
-    shared = config.kind == SHARE_LOR2C
-    return (1 if shared else layers) * config.rank * hidden + layers * hidden * config.rank
-
-
-def lor2c_paths(model: nn.Module) -> Lor2cPaths | None:
-    """The LoR2C paths installed in `model`, or None."""
-    return vars(model).get(_ATTRIBUTE)
 
 
 def install_lor2c_structure(model: nn.Module, family: DecoderFamily, section: dict[str, Any]) -> Lor2cPaths:

@@ -46,7 +46,7 @@ class RotateOptions:
                                                  "quantize.act_clip_ratio)", check=clip_ratio_problem)
     head_rotation: bool = setting(True, "learned: also learn a per-head R2 on v_proj/o_proj (false: R1 only)")
     # float is the measured default: W4A4 GPTQ perplexity 44.94 against 57.90 learned with RTN weights
-    # (SmolLM2-135M, R1+R2, docs/quantization.md); the Hadamard start scores 45.47.
+    # (SmolLM2-135M, R1+R2, docs/rotation.md); the Hadamard start scores 45.47.
     learn_weights: str = setting("float", "learned: decoder weights while learning: float (activations only, as "
                                           "SpinQuant learns when GPTQ follows) or rtn (fake-quantized per channel, "
                                           "straight-through, for RTN deployment)", choices=lambda: LEARN_WEIGHT_MODES)

@@ -9,7 +9,7 @@ DEMO   := runs/demo
 BENCH  := runs/bench
 SCHEMES := w8a8 w4a8 w4a16-g128 w4a4
 
-.PHONY: install test demo bench accuracy gate-check clean
+.PHONY: install test demo bench accuracy scale gate-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: install
 	test -d $(BENCH)/fp32-onnx || $(VENV)/bin/rotaq export --model $(BENCH)/rotated --out $(BENCH)/fp32-onnx
 	$(VENV)/bin/rotaq bench $(BENCH)/fp32-onnx $(foreach s,$(SCHEMES),$(BENCH)/$(s)-onnx) --peer genai --profile \
 	  --out $(BENCH)/results
+
+# scale: every stage's wall time and peak memory on random Qwen2.5 0.5B and 1.5B shapes in bf16
+# (runs/scale/scale.md); a stage past 20 GB is stopped and recorded as such.
+scale: install
+	$(VENV)/bin/rotaq scale-bench --out runs/scale --shapes qwen2.5-0.5b,qwen2.5-1.5b
 
 # gate-check: the latency gate's measured false-alarm and detection rates on the embedded model's W4A8 export
 # (20 self runs, 20 runs of a copy slowed 20% in decode, a busy core during half): runs/gate-check/gate-check.md.

@@ -124,6 +124,14 @@ def _cmd_accuracy_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scale_bench(args: argparse.Namespace) -> int:
+    from rotaq.eval.scale_bench import run_scale_bench
+
+    paths = run_scale_bench(Path(args.out), args.shapes.split(","), args.memory_limit_gb)
+    print(paths["md"].read_text())
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="perplexity (and KL / top-1 vs --reference) on held-out text")
     add_model_argument(evaluate)
@@ -159,3 +167,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     table.add_argument("--asymmetric-activations", action="store_true",
                        help="asymmetric per-token activations (a separate variant)")
     table.set_defaults(handler=_cmd_accuracy_table)
+
+    scale = commands.add_parser("scale-bench", help="benchmark: wall time and peak memory of each stage on random "
+                                                    "Qwen2.5-shaped bf16 models of growing size")
+    scale.add_argument("--out", default="runs/scale", help="folder for the models and scale.{md,csv,json}")
+    scale.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b",
+                       help="comma list of qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b (and tiny)")
+    scale.add_argument("--memory-limit-gb", type=float, default=20.0,
+                       help="stop a stage whose resident memory passes this (default 20)")
+    scale.set_defaults(handler=_cmd_scale_bench)

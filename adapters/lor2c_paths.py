@@ -41,6 +41,7 @@ from rotaq.pipeline.families import DecoderFamily, decoder_layers, set_submodule
 
 SIDE_PATHS = "rotaq_side_paths"  # the submodule holding the paths: their state-dict prefix
 
+
 class ResidualPath(nn.Module):
     """s·B·A from the input of layer `first` to the output of layer `last` (first ≤ last)."""
 

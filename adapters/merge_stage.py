@@ -19,7 +19,7 @@ from rotaq.adapters.config import AdapterConfig
 from rotaq.adapters.kinds import LOR2C_PATHS, PER_LINEAR, adapter_kind, required_adapter
 from rotaq.adapters.lor2c_paths import side_path_section
 from rotaq.adapters.merge import lstsq_shortcut_maps, merged_weights, paper_shortcut_maps
-from rotaq.adapters.structure import InstalledAdapters, installed_adapters, remove_adapters, set_fake_quantization
+from rotaq.adapters.structure import InstalledAdapters, per_linear_adapters, remove_adapters, set_fake_quantization
 from rotaq.eval.metrics import evaluate
 from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
@@ -74,7 +74,7 @@ def _merge_per_linear(options: MergeOptions, adapted: LoadedModel, section: dict
     shortcut types."""
     config = AdapterConfig.from_section(section)
     set_fake_quantization(adapted.model, None)  # the merge error is measured in float; QAT is recorded below
-    installed = installed_adapters(adapted.model)
+    installed = per_linear_adapters(adapted.model)
     data = _merge_data(options, adapted)
     method = options.method if config.has_shortcuts else "exact"
 

@@ -134,7 +134,7 @@ def install_per_linear_structure(model: nn.Module, family: DecoderFamily, sectio
     return install_adapters(model, family, AdapterConfig.from_section(section))
 
 
-def installed_adapters(model: nn.Module) -> InstalledAdapters:
+def per_linear_adapters(model: nn.Module) -> InstalledAdapters:
     """The per-linear adapters `install_adapters` put into `model`, or a clear error if it has none."""
     installed = required_adapter(model)
     if not isinstance(installed, InstalledAdapters):
@@ -171,7 +171,7 @@ def mark_only_adapters_trainable(model: nn.Module) -> list[nn.Parameter]:
 def set_fake_quantization(model: nn.Module, scheme_name: str | None) -> None:
     """Turn QAT fake quantization of the adapted linears on (a scheme name) or off (None)."""
     fake_quantizers = FakeQuantizers(scheme_name) if scheme_name else None
-    for _, linear in installed_adapters(model).adapted_linears():
+    for _, linear in per_linear_adapters(model).adapted_linears():
         linear.fake_quantizers = fake_quantizers
 
 
@@ -180,7 +180,7 @@ def remove_adapters(model: nn.Module, merged_weights: dict[str, Tensor]) -> None
 
     Callers check the weights first (rotaq.adapters.merge.check_merged_weights): this step only rewires modules.
     """
-    installed = installed_adapters(model)
+    installed = per_linear_adapters(model)
     for path, linear in list(installed.adapted_linears()):
         set_submodule(model, path, linear.base_layer(merged_weights[path]))
     installed.reset_hook.remove()

@@ -94,7 +94,7 @@ class ExportLinear(nn.Module):
 
 def _in_attention(family: DecoderFamily, path: str) -> str:
     """A layer-relative path (self_attn.q_proj) relative to the attention module (q_proj)."""
-    return path.removeprefix(family.attention_output.rpartition(".")[0] + ".")
+    return path.removeprefix(family.attention_module + ".")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +160,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, source: nn.Module, prefix: str, family: DecoderFamily, emitters: dict[str, LinearEmitter],
                  traits: LayerTraits) -> None:
         super().__init__()
-        attn_path = family.attention_output.rpartition(".")[0]
-        mlp_path = family.mlp_output.rpartition(".")[0]
+        attn_path, mlp_path = family.attention_module, family.mlp_module
         self.input_norm = RMSNorm(source.get_submodule(family.input_norm))
         self.attn = Attention(source.get_submodule(attn_path), f"{prefix}.{attn_path}", emitters, family, traits)
         self.post_attention_norm = RMSNorm(source.get_submodule(family.post_attention_norm))
@@ -216,9 +215,7 @@ class DecoderGraph(nn.Module):
         emitters = emitters or {}
         config = model.config
         check_supported_config(config)
-        if family.norm_kind != "w":
-            raise UnsupportedModelError(f"{family.name}: its RMSNorm scales by ({family.norm_kind}); the export's "
-                                        "norm computes x̂·w only")
+        family.check_norm_kind("it cannot be exported")
         rotary = _rotary_embedding(model, family)
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.attention_scaling = float(rotary.attention_scaling)

@@ -17,7 +17,7 @@ from rotaq.pipeline.errors import UnsupportedModelError
 
 NormKind = Literal["w", "1+w"]  # RMSNorm output x̂·w (Llama) or x̂·(1 + w) (Gemma)
 SlidingWindowRule = Literal["none", "every_layer", "layer_types"]
-FOLDABLE_NORM_KINDS: tuple[NormKind, ...] = ("w",)
+HANDLED_NORM_KINDS: tuple[NormKind, ...] = ("w",)  # what norm folding and the export's RMSNorm compute
 NORM_CLASS_SUFFIX = "RMSNorm"  # transformers names every family's norm <Family>RMSNorm
 
 
@@ -97,12 +97,21 @@ class DecoderFamily:
     def head_dim(self, config: Any) -> int:
         return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
-    def check_foldable_norms(self) -> None:
-        """Norm folding moves the norm's scale into the next linears; refuse a scale it would move wrongly."""
-        if self.norm_kind not in FOLDABLE_NORM_KINDS:
-            raise UnsupportedModelError(
-                f"{self.name} RMSNorm scales by ({self.norm_kind}); rotaq folds norms that scale by w only, "
-                "so it cannot rotate this model (in `rotaq run`, rotate.enabled: false quantizes it unrotated)")
+    @property
+    def attention_module(self) -> str:
+        """The attention block inside a layer (self_attn), parent of q/k/v/o and the head norms."""
+        return self.attention_output.rpartition(".")[0]
+
+    @property
+    def mlp_module(self) -> str:
+        return self.mlp_output.rpartition(".")[0]
+
+    def check_norm_kind(self, refused: str) -> None:
+        """Norm folding and the export's RMSNorm both take the norm's scale to be its weight w; a family whose
+        norm scales otherwise is refused with `refused`, the consequence for the caller."""
+        if self.norm_kind not in HANDLED_NORM_KINDS:
+            raise UnsupportedModelError(f"{self.name} RMSNorm scales by ({self.norm_kind}); rotaq handles norms "
+                                        f"that scale by w only, so {refused}")
 
 
 FAMILIES: tuple[DecoderFamily, ...] = (

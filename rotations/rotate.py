@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # "learned" starts from the randomized Hadamard and learns it (rotations/learned.py); the fold is the same.
 ROTATION_KINDS = ("hadamard", "random", "learned")
+CANNOT_ROTATE = "it cannot rotate this model (in `rotaq run`, rotate.enabled: false quantizes it unrotated)"
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at once, to bound float64 memory
 
 
@@ -76,7 +77,7 @@ def untie_word_embeddings(model: nn.Module, family: DecoderFamily) -> None:
 def fold_all_norms(model: nn.Module, family: DecoderFamily) -> None:
     """Fold every RMSNorm's scale into the linears it feeds (refused, before any change, for a norm kind whose
     scale is not its weight)."""
-    family.check_foldable_norms()
+    family.check_norm_kind(CANNOT_ROTATE)
     for layer in decoder_layers(model, family):
         fold_rmsnorm_into_linears(layer.get_submodule(family.input_norm),
                                   [layer.get_submodule(p) for p in family.attention_inputs])
@@ -192,7 +193,7 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
     rotation = residual_rotation_matrix(hidden_size, config) if matrices is None else matrices.residual.double()
     if tuple(rotation.shape) != (hidden_size, hidden_size):
         raise RotaqError(f"the residual rotation must be {hidden_size}×{hidden_size}, got {tuple(rotation.shape)}")
-    family.check_foldable_norms()  # before anything changes: the model stays as it was loaded
+    family.check_norm_kind(CANNOT_ROTATE)  # before anything changes: the model stays as it was loaded
     heads = None if matrices is None else matrices.heads
     if heads is not None:
         check_head_rotations(model, family, heads)

@@ -29,7 +29,7 @@ def test_layer_traits_match_the_modeling_code(name: str) -> None:
     check_family_layout(model, family)
     for index, layer in enumerate(decoder_layers(model, family)):
         traits = family.layer_traits(model.config, index)
-        attention = layer.get_submodule(family.attention_output.rpartition(".")[0])
+        attention = layer.get_submodule(family.attention_module)
         # Where the modeling code keeps the trait on the module (Qwen2/3, SmolLM3), it must agree; Mistral reads
         # config.sliding_window for every layer and Llama has no window.
         expected_window = getattr(attention, "sliding_window", getattr(model.config, "sliding_window", None))

@@ -127,7 +127,8 @@ def _cmd_accuracy_table(args: argparse.Namespace) -> int:
 def _cmd_scale_bench(args: argparse.Namespace) -> int:
     from rotaq.eval.scale_bench import run_scale_bench
 
-    paths = run_scale_bench(Path(args.out), args.shapes.split(","), args.memory_limit_gb)
+    paths = run_scale_bench(Path(args.out), args.shapes.split(","), args.memory_limit_gb,
+                            stages=args.stages.split(",") if args.stages else None)
     print(paths["md"].read_text())
     return 0
 
@@ -175,4 +176,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="comma list of qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b (and tiny)")
     scale.add_argument("--memory-limit-gb", type=float, default=20.0,
                        help="stop a stage whose resident memory passes this (default 20)")
+    scale.add_argument("--stages", default=None,
+                       help="comma list of rotate, quantize-rtn, quantize-gptq, export (default: all); a stage "
+                            "whose input stage is left out reads that stage's folder from an earlier run")
     scale.set_defaults(handler=_cmd_scale_bench)

@@ -136,11 +136,16 @@ def write_random_source(shape: str, folder: Path) -> int:
 
 
 def run_scale_bench(out: Path, shapes: Sequence[str], memory_limit_gb: float,
-                    progress: Any = print) -> dict[str, Path]:
-    """Measure every stage of every shape; write scale.json, scale.csv and scale.md into `out`."""
+                    progress: Any = print, stages: Sequence[str] | None = None) -> dict[str, Path]:
+    """Measure the stages (default all) of every shape; write scale.json, scale.csv and scale.md into `out`.
+    A stage whose input stage is not selected reads that stage's folder from an earlier run, if there is one."""
     unknown = [shape for shape in shapes if shape not in SHAPES]
     if unknown:
         raise RotaqError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    names = [stage.name for stage in STAGES]
+    selected = list(names if stages is None else stages)
+    if unknown_stages := [name for name in selected if name not in names]:
+        raise RotaqError(f"unknown stage(s) {', '.join(unknown_stages)}; choose from {', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in shapes:
@@ -148,8 +153,9 @@ def run_scale_bench(out: Path, shapes: Sequence[str], memory_limit_gb: float,
         folder.mkdir(exist_ok=True)
         progress(f"{shape}: writing the random bf16 source")
         source_bytes = write_random_source(shape, folder / "source")
-        finished: set[str] = set()
-        for stage in STAGES:
+        finished = {stage.name for stage in STAGES
+                    if stage.name not in selected and _output_folder(stage, folder).is_dir()}
+        for stage in (stage for stage in STAGES if stage.name in selected):
             row: dict[str, Any] = {"shape": shape, "layers": SHAPES[shape]["num_hidden_layers"],
                                    "bf16_gb": source_bytes / GIB, "stage": stage.name}
             if stage.needs is not None and stage.needs not in finished:
@@ -167,6 +173,10 @@ def run_scale_bench(out: Path, shapes: Sequence[str], memory_limit_gb: float,
             progress(f"{shape}: {stage.name} {measured.status}, {measured.wall_s:.0f} s, "
                      f"peak {measured.peak_rss_bytes / GIB:.2f} GB")
     return write_scale_outputs(out, rows, memory_limit_gb)
+
+
+def _output_folder(stage: StageRun, folder: Path) -> Path:
+    return Path(stage.arguments[stage.arguments.index("--out") + 1].format(out=folder))
 
 
 COLUMNS = ["shape", "layers", "bf16_gb", "stage", "status", "wall_s", "wall_s_per_layer", "peak_rss_gb",

@@ -191,17 +191,24 @@ def write_model_artifact(
     from safetensors.torch import save_model
 
     with staged_folder(out_dir) as tmp:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)  # a GGUF source's marker; the weights here are plain tensors
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, writer in (extra_writers or {}).items():
-            writer(tmp / name)
-        manifest = {**manifest, **file_records(tmp)}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        finish_model_folder(tmp, model.config.to_dict(), tokenizer, manifest, extra_writers)
     return Path(out_dir)
+
+
+def finish_model_folder(folder: Path, config: dict[str, Any], tokenizer: Any, manifest: dict[str, Any],
+                        extra_writers: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """Everything of a stage folder but its weights (written first, whole or streamed): config, tokenizer,
+    extras, and last the manifest with every file's hash."""
+    # quantization_config is a GGUF source's marker; the weights here are plain tensors
+    config = {key: value for key, value in config.items() if key != "quantization_config"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    for name, writer in (extra_writers or {}).items():
+        writer(folder / name)
+    manifest = {**manifest, **file_records(folder)}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 CHEAP_HASH_BYTES = 64 << 20

@@ -178,6 +178,12 @@ def model_files_explained(name: str | Path) -> Iterator[None]:
 
 def _load_gguf(path: Path, dtype: torch.dtype, display_name: str | None = None) -> LoadedModel:
     """Convert once (about half a minute), then load the cached plain copy in seconds."""
+    cached, source = converted_gguf(path, display_name)
+    return _load_pretrained(str(cached), dtype, source, trust_remote_code=False)
+
+
+def converted_gguf(path: Path, display_name: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The cached transformers folder of a GGUF file (converted now if needed) and its provenance."""
     digest = sha256_file(path)
     cached = cache_root() / "gguf" / digest[:16]
     problem = conversion_cache_problem(cached)
@@ -188,8 +194,53 @@ def _load_gguf(path: Path, dtype: torch.dtype, display_name: str | None = None) 
     source = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest}
     if display_name:
         source["name"] = display_name
-    loaded = _load_pretrained(str(cached), dtype, source, trust_remote_code=False)
-    return loaded
+    return cached, source
+
+
+@dataclass(frozen=True)
+class WeightsFolder:
+    """A model reference as a local folder of safetensors weights, for the stages that read one layer at a
+    time instead of loading the model: the folder, its provenance as `load_model` records it, its config,
+    and its manifest when it is a rotaq stage folder."""
+
+    folder: Path
+    source: dict[str, Any]
+    config: Any
+    manifest: dict[str, Any] | None = None
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        with model_files_explained(self.folder):
+            return AutoTokenizer.from_pretrained(str(self.folder))
+
+
+def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
+    """`spec` as a WeightsFolder, or None where the weights are not local safetensors (a hub id, a folder of
+    pickled .bin files): callers then load the whole model with `load_model`."""
+    from transformers import AutoConfig
+
+    from rotaq.pipeline.tensor_files import TensorFiles
+
+    kind, where = classify_model_reference(spec)
+    manifest = None
+    if kind in ("default", "gguf"):
+        where, source = converted_gguf(where, DEFAULT_MODEL_NAME if kind == "default" else None)
+    elif kind == "artifact":
+        manifest = read_manifest(where)
+        verify_files(where, manifest, full=False)
+        source = {"kind": "artifact", "path": str(Path(where).resolve()), "stage": manifest.get("stage")}
+    elif kind == "folder" and TensorFiles.present(where):
+        source = {"kind": "folder", "path": str(Path(where).resolve())}
+    else:
+        return None
+    with model_files_explained(where):
+        config = AutoConfig.from_pretrained(str(where))
+    family_for_model_type(config.model_type)
+    source["model_type"] = config.model_type
+    if manifest is not None:
+        source["origin"] = manifest.get("source")
+    return WeightsFolder(Path(where), source, config, manifest)
 
 
 def _convert_gguf(path: Path, cached: Path) -> None:

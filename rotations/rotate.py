@@ -48,6 +48,11 @@ class RotationConfig:
             raise RotaqError(f"unknown rotation '{self.kind}'; choose one of {', '.join(ROTATION_KINDS)}")
 
 
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a − b| / max|b|: the logit error relative to the logit scale."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
 @torch.no_grad()
 def _set_weight(linear: nn.Module, new_weight: torch.Tensor) -> None:
     linear.weight.data = new_weight.to(linear.weight.dtype).contiguous()
@@ -58,7 +63,10 @@ def fold_rmsnorm_into_linears(norm: nn.Module, linears: list[nn.Linear]) -> None
     """RMSNorm(x)·g feeding W equals RMSNorm(x) feeding W·diag(g); the norm's weight becomes 1."""
     scale = norm.weight.double()
     for linear in linears:
-        _set_weight(linear, linear.weight.double() * scale[None, :])
+        weight = linear.weight.data
+        for start in range(0, weight.shape[0], _ROW_CHUNK):  # a vocabulary-sized lm_head in float64 is GBs
+            rows = weight[start:start + _ROW_CHUNK]
+            rows.copy_((rows.double() * scale[None, :]).to(weight.dtype))
     norm.weight.data.fill_(1.0)
 
 
@@ -69,9 +77,20 @@ def untie_word_embeddings(model: nn.Module, family: DecoderFamily) -> None:
     lm_head = model.get_submodule(family.lm_head)
     if lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr():
         lm_head.weight = nn.Parameter(embed.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model.config, "get_text_config"):
-        model.config.get_text_config().tie_word_embeddings = False
+    untie_config(model.config)
+
+
+def untie_config(config: Any) -> None:
+    config.tie_word_embeddings = False
+    if hasattr(config, "get_text_config"):
+        config.get_text_config().tie_word_embeddings = False
+
+
+def fold_layer_norms(layer: nn.Module, family: DecoderFamily) -> None:
+    fold_rmsnorm_into_linears(layer.get_submodule(family.input_norm),
+                              [layer.get_submodule(p) for p in family.attention_inputs])
+    fold_rmsnorm_into_linears(layer.get_submodule(family.post_attention_norm),
+                              [layer.get_submodule(p) for p in family.mlp_inputs])
 
 
 def fold_all_norms(model: nn.Module, family: DecoderFamily) -> None:
@@ -79,10 +98,7 @@ def fold_all_norms(model: nn.Module, family: DecoderFamily) -> None:
     scale is not its weight)."""
     family.check_norm_kind(CANNOT_ROTATE)
     for layer in decoder_layers(model, family):
-        fold_rmsnorm_into_linears(layer.get_submodule(family.input_norm),
-                                  [layer.get_submodule(p) for p in family.attention_inputs])
-        fold_rmsnorm_into_linears(layer.get_submodule(family.post_attention_norm),
-                                  [layer.get_submodule(p) for p in family.mlp_inputs])
+        fold_layer_norms(layer, family)
     fold_rmsnorm_into_linears(model.get_submodule(family.final_norm), [model.get_submodule(family.lm_head)])
 
 
@@ -200,21 +216,49 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
     online_specs = online_rotation_specs(model, family, config) if config.online else {}
 
     untie_word_embeddings(model, family)
-    fold_all_norms(model, family)
     rotate_weight_rows(model.get_submodule(family.embed_tokens), rotation)
-    for layer in decoder_layers(model, family):
-        for path in (*family.attention_inputs, *family.mlp_inputs):
-            rotate_weight_rows(layer.get_submodule(path), rotation)
-        for path in (family.attention_output, family.mlp_output):
-            rotate_linear_output(layer.get_submodule(path), rotation)
-    if heads is not None:
-        for layer, head_rotation in zip(decoder_layers(model, family), heads):
-            rotate_value_heads(layer, family, head_rotation.double())
-    rotate_weight_rows(model.get_submodule(family.lm_head), rotation)
-    for path, spec in online_specs.items():
-        install_online_rotation(model, path, spec, fold=True)
+    for index, layer in enumerate(decoder_layers(model, family)):
+        rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index),
+                             None if heads is None else heads[index].double())
+    rotate_head(model, family, rotation)
+    return rotation_section(config, hidden_size, online_specs, heads is not None)
+
+
+def rotation_section(config: RotationConfig, hidden_size: int, online_specs: dict[str, dict],
+                     head_rotations: bool) -> dict[str, Any]:
+    """The manifest section that lets a loader rebuild a rotated model's structure."""
     section = {"kind": config.kind, "seed": config.seed, "residual_width": hidden_size, "online": online_specs}
-    return {**section, "head_rotations": True} if heads is not None else section
+    return {**section, "head_rotations": True} if head_rotations else section
+
+
+def layer_online_specs(online_specs: dict[str, dict], family: DecoderFamily, index: int) -> dict[str, dict]:
+    """Layer `index`'s online rotations keyed by their path inside the layer."""
+    prefix = f"{family.layers}.{index}."
+    return {path[len(prefix):]: spec for path, spec in online_specs.items() if path.startswith(prefix)}
+
+
+@torch.no_grad()
+def rotate_decoder_layer(layer: nn.Module, family: DecoderFamily, rotation: torch.Tensor,
+                         online_specs: dict[str, dict], head_rotation: torch.Tensor | None = None) -> None:
+    """Everything the rotation does to one decoder layer, which touches no other layer: fold its two norms,
+    rotate the stream's readers and writers, the value heads (R2), and fold and install its online rotations.
+    The whole-model and the layer-streamed rotation both call this, so they compute the same weights."""
+    fold_layer_norms(layer, family)
+    for path in (*family.attention_inputs, *family.mlp_inputs):
+        rotate_weight_rows(layer.get_submodule(path), rotation)
+    for path in (family.attention_output, family.mlp_output):
+        rotate_linear_output(layer.get_submodule(path), rotation)
+    if head_rotation is not None:
+        rotate_value_heads(layer, family, head_rotation)
+    for path, spec in online_specs.items():
+        install_online_rotation(layer, path, spec, fold=True)
+
+
+@torch.no_grad()
+def rotate_head(model: nn.Module, family: DecoderFamily, rotation: torch.Tensor) -> None:
+    """The final norm folded into lm_head, whose rows then read the rotated stream."""
+    fold_rmsnorm_into_linears(model.get_submodule(family.final_norm), [model.get_submodule(family.lm_head)])
+    rotate_weight_rows(model.get_submodule(family.lm_head), rotation)
 
 
 def install_rotation_structure(model: nn.Module, rotation_section: dict[str, Any]) -> None:

@@ -9,21 +9,27 @@ from pathlib import Path
 
 import torch
 
-from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.artifacts import (WEIGHTS_NAME, finish_model_folder, new_manifest, refuse_output_over_input,
+                                     staged_folder, write_model_artifact)
 from rotaq.pipeline.data import DataSpec
 from rotaq.pipeline.errors import RotaqError
-from rotaq.pipeline.loading import load_model
+from rotaq.pipeline.families import family_for_model_type
+from rotaq.pipeline.loading import WeightsFolder, load_model, model_files_explained, weights_folder
 from rotaq.pipeline.options import setting
 from rotaq.quantizers.schemes import clip_ratio_problem, scheme_problem
 from rotaq.rotations.learn_stage import LEARN_CALIBRATION, learn_for_stage, learn_settings
 from rotaq.rotations.learned import DEFAULT_LR, LEARN_WEIGHT_MODES
-from rotaq.rotations.rotate import ROTATION_KINDS, RotationConfig, rotate_model
+from rotaq.pipeline.tensor_files import TensorFiles
+from rotaq.rotations.rotate import ROTATION_KINDS, RotationConfig, max_relative_error, rotate_model, untie_config
+from rotaq.rotations.streamed import rotate_streamed
 
 logger = logging.getLogger(__name__)
 
 # Exactness is checked on a short fixed prompt: enough to catch any wrong transform.
 CHECK_TOKENS = 64
 MAX_RELATIVE_LOGIT_ERROR = 1e-4
+# A wrong transform moves logits by O(1); bf16 rounding of the rotated weights by up to 7.2e-3 (tiny models).
+MAX_RELATIVE_LOGIT_ERROR_16BIT = 5e-2
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,11 @@ class RotateOptions:
                                         "Hadamard for `scheme`)", choices=lambda: ROTATION_KINDS, old_names=("kind",))
     seed: int = setting(0, "seed of the random signs (hadamard) or of the random orthogonal matrix")
     online: bool = setting(True, "online Hadamard rotations before o_proj and down_proj")
-    check: bool = setting(True, "check that the rotated model's logits match the original's (costs one model copy "
-                                "in memory)")
+    check: bool = setting(True, "check that the rotated model's logits match the original's on a 64-token prompt "
+                                "(layer by layer: one more layer in memory; whole model: one model copy)")
+    layer_by_layer: bool = setting(True, "rotate one decoder layer at a time from the memory-mapped safetensors, "
+                                         "keeping their dtype (bf16 stays bf16); false, or a hub id, .bin weights "
+                                         "or a learned rotation: load the whole model in float32")
     # rotation: learned only (rotations/learned.py)
     steps: int = setting(100, "learned: Cayley SGD steps on the calibration split", minimum=1)
     scheme: str = setting("w4a4", "learned: the scheme whose fake quantization the rotation is learned for (one "
@@ -57,11 +66,6 @@ class RotateOptions:
     progress: bool = True
 
 
-def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|a − b| / max|b|: the logit error relative to the logit scale."""
-    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
-
-
 def _check_tokens(vocab_size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (1, CHECK_TOKENS), generator=generator)
@@ -72,12 +76,12 @@ def run_rotate(options: RotateOptions) -> Path:
     if config.kind == "learned":
         learn_settings(options)  # a bad scheme or step count fails before the model is loaded
     refuse_output_over_input(options.out, options.model)
+    if options.layer_by_layer and config.kind != "learned":
+        weights = weights_folder(options.model)
+        if weights is not None and not (weights.manifest or {}).get("quantization"):
+            return _rotate_layer_by_layer(options, config, weights)
     loaded = load_model(options.model)
-    if loaded.manifest and loaded.manifest.get("rotation"):
-        raise RotaqError(f"{options.model} is already rotated; rotate the original model instead")
-    if loaded.manifest and (loaded.manifest.get("side_paths") or loaded.manifest.get("adapters")):
-        raise RotaqError(f"{options.model} has adapters or LoR2C side paths, which a rotation would not carry; "
-                         "rotate the model before fine-tuning it")
+    _refuse_parent(options.model, loaded.manifest)
     model = loaded.model
     reference = copy.deepcopy(model) if options.check else None
     logger.info("rotating %s (%s, seed %d)", loaded.source.get("name") or options.model, config.kind, config.seed)
@@ -90,13 +94,55 @@ def run_rotate(options: RotateOptions) -> Path:
         with torch.inference_mode():
             error = max_relative_error(model(input_ids=tokens).logits, reference(input_ids=tokens).logits)
         rotation_section["check"] = {"tokens": CHECK_TOKENS, "max_relative_logit_error": error}
-        if error > MAX_RELATIVE_LOGIT_ERROR and next(model.parameters()).dtype == torch.float32:
-            raise RotaqError(f"rotation changed the logits (relative error {error:.2e} > {MAX_RELATIVE_LOGIT_ERROR}); "
-                             "nothing was written")
-    manifest = new_manifest("rotate", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
-                            loaded.source, loaded.manifest)
-    manifest["rotation"] = rotation_section
-    written = write_model_artifact(options.out, model, loaded.tokenizer, manifest)
+        _refuse_changed_logits(error, next(model.parameters()).dtype)
+    written = write_model_artifact(options.out, model, loaded.tokenizer,
+                                   _rotate_manifest(options, loaded.source, loaded.manifest, rotation_section))
     if learned is not None:
         learned.checkpoint.remove()
     return written
+
+
+def _rotate_layer_by_layer(options: RotateOptions, config: RotationConfig, weights: WeightsFolder) -> Path:
+    """The rotation read from and written to safetensors one decoder layer at a time (rotations/streamed.py)."""
+    _refuse_parent(options.model, weights.manifest)
+    family = family_for_model_type(weights.config.model_type)
+    tokenizer = weights.tokenizer()
+    with model_files_explained(weights.folder):
+        files = TensorFiles(weights.folder)
+    logger.info("rotating %s layer by layer (%s, seed %d)", weights.source.get("name") or options.model, config.kind,
+                config.seed)
+    tokens = _check_tokens(weights.config.vocab_size, options.seed) if options.check else None
+    with staged_folder(options.out) as tmp:
+        with model_files_explained(weights.folder):
+            section = rotate_streamed(files, weights.config, family, config, tmp / WEIGHTS_NAME, tokens,
+                                      progress=options.progress)
+        if "check" in section:
+            _refuse_changed_logits(section["check"]["max_relative_logit_error"],
+                                   files.layout(f"{family.embed_tokens}.weight")[0])
+        untie_config(weights.config)
+        finish_model_folder(tmp, weights.config.to_dict(), tokenizer,
+                            _rotate_manifest(options, weights.source, weights.manifest, section))
+    return Path(options.out)
+
+
+def _refuse_parent(model: str | None, manifest: dict | None) -> None:
+    if manifest and manifest.get("rotation"):
+        raise RotaqError(f"{model} is already rotated; rotate the original model instead")
+    if manifest and (manifest.get("side_paths") or manifest.get("adapters")):
+        raise RotaqError(f"{model} has adapters or LoR2C side paths, which a rotation would not carry; "
+                         "rotate the model before fine-tuning it")
+
+
+def _refuse_changed_logits(error: float, dtype: torch.dtype) -> None:
+    """A float32 model must keep its logits to 1e-4; a 16-bit one, whose rotated weights are rounded to 16 bits
+    again, to MAX_RELATIVE_LOGIT_ERROR_16BIT (measured at most 7.2e-3 on the tiny bf16 models)."""
+    limit = MAX_RELATIVE_LOGIT_ERROR if dtype == torch.float32 else MAX_RELATIVE_LOGIT_ERROR_16BIT
+    if error > limit:
+        raise RotaqError(f"rotation changed the logits (relative error {error:.2e} > {limit}); nothing was written")
+
+
+def _rotate_manifest(options: RotateOptions, source: dict, parent: dict | None, section: dict) -> dict:
+    manifest = new_manifest("rotate", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+                            source, parent)
+    manifest["rotation"] = section
+    return manifest

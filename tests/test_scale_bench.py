@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from rotaq.eval.scale_bench import GIB, STAGES, run_measured, seven_b_estimates, write_scale_outputs
+from rotaq.pipeline.errors import RotaqError
 
 
 def test_a_process_past_the_limit_is_stopped_and_its_peak_recorded(tmp_path: Path) -> None:
@@ -50,3 +53,22 @@ def test_the_tiny_shape_runs_every_stage(tmp_path: Path) -> None:
     assert [(row["stage"], row["status"]) for row in rows] == [(stage.name, "ok") for stage in STAGES]
     assert all(row["peak_rss_gb"] > 0 and row["bf16_gb"] > 0 for row in rows)
     assert (tmp_path / "tiny" / "export-rtn" / "model.onnx").is_file()
+
+
+def test_selected_stages_reuse_an_earlier_runs_folders(tmp_path: Path) -> None:
+    """--stages export after a full run measures only the export, reading the earlier quantized folder;
+    without that folder the export is skipped, not failed."""
+    from rotaq.eval.scale_bench import run_scale_bench
+
+    paths = run_scale_bench(tmp_path / "fresh", ["tiny"], memory_limit_gb=8.0, progress=lambda line: None,
+                            stages=["export"])
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [(row["stage"], row["status"]) for row in rows] == [("export", "skipped (quantize-rtn did not finish)")]
+    run_scale_bench(tmp_path / "reused", ["tiny"], memory_limit_gb=8.0, progress=lambda line: None,
+                    stages=["rotate", "quantize-rtn"])
+    paths = run_scale_bench(tmp_path / "reused", ["tiny"], memory_limit_gb=8.0, progress=lambda line: None,
+                            stages=["export"])
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert [(row["stage"], row["status"]) for row in rows] == [("export", "ok")]
+    with pytest.raises(RotaqError, match="unknown stage"):
+        run_scale_bench(tmp_path, ["tiny"], memory_limit_gb=8.0, stages=["rotat"])

@@ -6,6 +6,9 @@ Widths are chosen so that the residual, MLP and attention widths need Paley fact
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -58,3 +61,21 @@ def tiny_model(name: str, seed: int = 0, num_hidden_layers: int = 2, overrides: 
 
 def random_tokens(count: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer over the words w1..w95 of the tiny vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB_SIZE)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w2", pad_token="w1")
+
+
+def save_hf_folder(model: torch.nn.Module, folder: Path, **save_options: Any) -> Path:
+    """`model` and the word tokenizer as a Hugging Face model folder."""
+    model.save_pretrained(folder, **save_options)
+    word_tokenizer().save_pretrained(folder)
+    return folder

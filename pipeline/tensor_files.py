@@ -5,7 +5,8 @@ pages it touched leave the process's resident set). Writing is hand-written beca
 incremental writer: `save_file` needs every tensor in memory at once. The writer lays the file out exactly as
 safetensors' `serialize` does (tensors sorted by dtype, largest first, then by name; the header padded with
 spaces to 8 bytes), so a streamed file is byte-for-byte the file `save_model` writes for the same tensors —
-tests/test_tensor_files.py checks that against the library.
+tests/test_tensor_files.py checks that against the library. Where the tensors are not known in advance
+(quantization codes), they are appended to a side file and laid out when the last one has come.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -142,10 +144,17 @@ class StreamedSafetensorsWriter:
         if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the layout says {slot.dtype} "
                              f"{slot.shape}")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.seek(len(self._prefix) + slot.start)
+        self.write_bytes(name, 0, _tensor_bytes(tensor))
+
+    def write_bytes(self, name: str, offset: int, data: Any) -> None:
+        """Raw bytes of tensor `name` from byte `offset` of it; the tensor counts as written at its last byte."""
+        slot = self._slots[name]
+        if slot.start + offset + len(memoryview(data).cast("B")) > slot.end:
+            raise ValueError(f"{name}: {len(memoryview(data).cast('B'))} bytes at {offset} overrun its slot")
+        self._handle.seek(len(self._prefix) + slot.start + offset)
         self._handle.write(memoryview(data))
-        self._written.add(name)
+        if slot.start + offset + len(memoryview(data).cast("B")) == slot.end:
+            self._written.add(name)
 
     def missing(self) -> list[str]:
         return [name for name in self._slots if name not in self._written]
@@ -155,6 +164,57 @@ class StreamedSafetensorsWriter:
         self._handle.close()
         if kind is None and (missing := self.missing()):
             raise RuntimeError(f"{self.path.name}: {len(missing)} tensors never written, e.g. {missing[0]}")
+
+
+class AppendedSafetensorsWriter:
+    """A safetensors file whose tensors are not known in advance (GPTQ's codes and scales, layer by layer).
+
+    Tensors are appended to a side file as they come; on a clean exit the header is computed and the bytes are
+    copied behind it in the library's order, a chunk at a time, and the side file is removed. Memory stays one
+    chunk; the cost is writing the data twice.
+    """
+
+    CHUNK_BYTES = 64 << 20
+
+    def __init__(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.parts_path = self.path.with_name(self.path.name + ".parts")
+        self.metadata = metadata
+        self._parts: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._handle = None
+
+    def __enter__(self) -> AppendedSafetensorsWriter:
+        self._handle = open(self.parts_path, "wb")
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._parts:
+            raise KeyError(f"{name} was written to {self.path.name} already")
+        data = _tensor_bytes(tensor)
+        start = self._handle.tell()
+        self._handle.write(memoryview(data))
+        self._parts[name] = (tensor.dtype, tuple(tensor.shape), start, start + data.nbytes)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._handle.close()
+        try:
+            if kind is None:
+                self._assemble()
+        finally:
+            self.parts_path.unlink(missing_ok=True)
+
+    def _assemble(self) -> None:
+        layout = {name: (dtype, shape) for name, (dtype, shape, _, _) in self._parts.items()}
+        with StreamedSafetensorsWriter(self.path, layout, self.metadata) as writer, open(self.parts_path, "rb") as parts:
+            for name, (_, _, start, end) in self._parts.items():
+                parts.seek(start)
+                for offset in range(start, max(end, start + 1), self.CHUNK_BYTES):  # an empty tensor: once
+                    writer.write_bytes(name, offset - start, parts.read(min(self.CHUNK_BYTES, end - offset)))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _element_count(shape: Iterable[int]) -> int:

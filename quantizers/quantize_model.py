@@ -173,19 +173,28 @@ def _quantize_layer(layer: nn.Module, index: int, layer_specs: dict[str, LayerQu
     return layer_codes
 
 
+def _head_specs(family: DecoderFamily, scheme: QuantScheme) -> dict[str, LayerQuantSpec]:
+    return {family.embed_tokens: head_spec(scheme.lm_head_bits),
+            family.lm_head: head_spec(scheme.lm_head_bits, quantize_input=True)}
+
+
+def quantize_head(model: nn.Module, family: DecoderFamily, scheme: QuantScheme, path: str,
+                  codes: dict[str, QuantizedWeight], specs: dict[str, dict]) -> None:
+    """The embedding table or an untied lm_head (`path`): per-row RTN at `lm_head_bits`, one at a time so a
+    layer-streamed quantization holds one vocabulary-sized matrix."""
+    spec = _head_specs(family, scheme)[path]
+    module = model.get_submodule(path)
+    codes[path] = _quantize_rtn(module, spec, scheme, path)
+    _set_dequantized(module, codes[path])
+    specs[path] = spec.to_dict()
+    if path == family.lm_head:
+        install_quantized_linear(model, family.lm_head, spec)
+
+
 def _quantize_heads(model: nn.Module, family: DecoderFamily, scheme: QuantScheme,
                     codes: dict[str, QuantizedWeight], specs: dict[str, dict]) -> None:
     """lm_head and the embedding table: per-row RTN at `lm_head_bits` (a tied pair is quantized once)."""
-    embed = model.get_submodule(family.embed_tokens)
-    lm_head = model.get_submodule(family.lm_head)
-    tied = lm_head.weight is embed.weight
-    head_specs = {family.embed_tokens: head_spec(scheme.lm_head_bits),
-                  family.lm_head: head_spec(scheme.lm_head_bits, quantize_input=True)}
-    for path, module in ((family.embed_tokens, embed), (family.lm_head, lm_head)):
-        if tied and path == family.lm_head:
-            break
-        codes[path] = _quantize_rtn(module, head_specs[path], scheme, path)
-        _set_dequantized(module, codes[path])
-        specs[path] = head_specs[path].to_dict()
+    tied = model.get_submodule(family.lm_head).weight is model.get_submodule(family.embed_tokens).weight
+    quantize_head(model, family, scheme, family.embed_tokens, codes, specs)
     if not tied:
-        install_quantized_linear(model, family.lm_head, head_specs[family.lm_head])
+        quantize_head(model, family, scheme, family.lm_head, codes, specs)

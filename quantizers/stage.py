@@ -14,16 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
-from rotaq.pipeline.artifacts import new_manifest, refuse_output_over_input, write_model_artifact
+from rotaq.pipeline.artifacts import (WEIGHTS_NAME, finish_model_folder, new_manifest, refuse_output_over_input,
+                                     staged_folder, write_model_artifact)
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import RotaqError
-from rotaq.pipeline.loading import load_model
+from rotaq.pipeline.families import family_for_model_type
+from rotaq.pipeline.loading import WeightsFolder, load_model, model_files_explained, weights_folder
 from rotaq.pipeline.options import setting
+from rotaq.pipeline.tensor_files import TensorFiles
 from rotaq.quantizers.quantize_model import WEIGHT_METHODS, QuantizeSettings, quantize_model
 from rotaq.quantizers.rtn import QuantizedWeight
 from rotaq.quantizers.schemes import QuantScheme, clip_ratio_problem, parse_scheme, scheme_problem
+from rotaq.quantizers.streamed import quantize_streamed, streamable_model, streaming_problem
 
 logger = logging.getLogger(__name__)
 CODES_NAME = "quantized.safetensors"
@@ -51,6 +56,10 @@ class QuantizeOptions:
     kv_bits: int | None = setting(None, "also quantize the KV cache (k_proj/v_proj outputs per token and head, "
                                         "symmetric) to 4 or 8 bits; null: a float cache", choices=lambda: (4, 8))
     act_order: bool = setting(True, "GPTQ: visit columns in order of decreasing Hessian diagonal")
+    layer_by_layer: bool = setting(True, "quantize one decoder layer at a time from the memory-mapped safetensors "
+                                         "(peak memory: one layer, the embeddings and GPTQ's calibration inputs); "
+                                         "false, or a hub id, .bin weights, LoR2C side paths or a tied lm_head: "
+                                         "load the whole model in float32")
     calibration: DataSpec = DEFAULT_CALIBRATION
     progress: bool = True
 
@@ -90,21 +99,63 @@ def run_quantize(options: QuantizeOptions) -> Path:
     settings = QuantizeSettings(scheme=scheme, weights=options.weights, act_order=options.act_order,
                                 progress=options.progress)
     refuse_output_over_input(options.out, options.model)
+    if options.layer_by_layer:
+        weights = weights_folder(options.model)
+        if weights is not None:
+            _refuse_parent(options.model, weights.manifest)
+            family = family_for_model_type(weights.config.model_type)
+            model = streamable_model(weights.config, family, weights.manifest)
+            problem = streaming_problem(model, family, weights.manifest)
+            if problem is None:
+                return _quantize_layer_by_layer(options, settings, weights, model, family)
+            logger.info("quantizing the whole model in memory: %s", problem)
     loaded = load_model(options.model)
-    if loaded.manifest and loaded.manifest.get("quantization"):
-        raise RotaqError(f"{options.model} is already quantized; quantize its float parent instead")
-    if loaded.manifest and loaded.manifest.get("adapters"):
-        raise RotaqError(f"{options.model} still has adapters; run `rotaq merge` first")
+    _refuse_parent(options.model, loaded.manifest)
     windows = (load_split_windows(options.calibration, loaded.tokenizer, "calibration")
                if settings.weights == "gptq" else None)
     started = time.perf_counter()
     codes, layer_specs = quantize_model(loaded.model, loaded.family, settings, windows)
-    manifest = new_manifest("quantize", _options_dict(options), loaded.source, loaded.manifest)
+    manifest = _quantize_manifest(options, settings, loaded.source, loaded.manifest, windows, layer_specs, started)
+    tensors = codes_tensors(codes)
+    return write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest,
+                                extra_writers={CODES_NAME: lambda path: save_file(tensors, str(path))})
+
+
+def _quantize_layer_by_layer(options: QuantizeOptions, settings: QuantizeSettings, weights: WeightsFolder,
+                             model: Any, family: Any) -> Path:
+    """quantize_streamed into a staged folder: the fake-quant weights (float32) and the codes, layer by layer."""
+    tokenizer = weights.tokenizer()
+    windows = (load_split_windows(options.calibration, tokenizer, "calibration")
+               if settings.weights == "gptq" else None)
+    with model_files_explained(weights.folder):
+        files = TensorFiles(weights.folder)
+    started = time.perf_counter()
+    with staged_folder(options.out) as tmp:
+        with model_files_explained(weights.folder):
+            layer_specs = quantize_streamed(files, model, family, settings, windows, tmp / WEIGHTS_NAME,
+                                            tmp / CODES_NAME, codes_tensors)
+        manifest = _quantize_manifest(options, settings, weights.source, weights.manifest, windows, layer_specs,
+                                      started)
+        weights.config.dtype = torch.float32  # what the fake-quant weights are, as the whole-model path writes
+        finish_model_folder(tmp, weights.config.to_dict(), tokenizer, manifest)
+    return Path(options.out)
+
+
+def _refuse_parent(model: str | None, manifest: dict | None) -> None:
+    if manifest and manifest.get("quantization"):
+        raise RotaqError(f"{model} is already quantized; quantize its float parent instead")
+    if manifest and manifest.get("adapters"):
+        raise RotaqError(f"{model} still has adapters; run `rotaq merge` first")
+
+
+def _quantize_manifest(options: QuantizeOptions, settings: QuantizeSettings, source: dict, parent: dict | None,
+                       windows: Any, layer_specs: dict, started: float) -> dict[str, Any]:
+    manifest = new_manifest("quantize", _options_dict(options), source, parent)
     for carried in ("rotation", "side_paths"):
-        if loaded.manifest and carried in loaded.manifest:
-            manifest[carried] = loaded.manifest[carried]
+        if parent and carried in parent:
+            manifest[carried] = parent[carried]
     manifest["quantization"] = {
-        "scheme": {**dataclasses.asdict(scheme), "name": scheme.name},
+        "scheme": {**dataclasses.asdict(settings.scheme), "name": settings.scheme.name},
         "weights": settings.weights,
         "act_order": settings.act_order,
         "calibration": None if windows is None else {
@@ -114,12 +165,10 @@ def run_quantize(options: QuantizeOptions) -> Path:
         "codes_file": CODES_NAME,
         "layers": layer_specs,
     }
-    if loaded.manifest and "side_paths" in loaded.manifest:
+    if parent and "side_paths" in parent:
         # LoR2C side paths are rank-r matmuls on the float residual stream; they stay float32.
         manifest["quantization"]["side_paths"] = "float32"
-    tensors = codes_tensors(codes)
-    return write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest,
-                                extra_writers={CODES_NAME: lambda path: save_file(tensors, str(path))})
+    return manifest
 
 
 def _options_dict(options: QuantizeOptions) -> dict[str, Any]:

@@ -168,7 +168,9 @@ def rotate_value_heads(layer: nn.Module, family: DecoderFamily, rotation: torch.
 def install_online_rotation(model: nn.Module, path: str, spec: dict[str, Any], fold: bool) -> OnlineRotatedLinear:
     """Put an online rotation R in front of the linear at `path`; with `fold`, its weight becomes W·R."""
     linear = model.get_submodule(path)
-    rotation = OnlineRotation(spec).to(linear.weight.device)
+    # On a layer-streamed model's empty skeleton the weight is on the meta device; the rotation's factors are
+    # not in the weights file, so they stay real there.
+    rotation = OnlineRotation(spec).to("cpu" if linear.weight.is_meta else linear.weight.device)
     if fold:
         _set_weight(linear, linear.weight.double() @ rotation.matrix())
     wrapped = OnlineRotatedLinear.wrap(linear, rotation)

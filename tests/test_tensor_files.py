@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rotaq.pipeline.tensor_files import StreamedSafetensorsWriter, TensorFiles
+from rotaq.pipeline.tensor_files import AppendedSafetensorsWriter, StreamedSafetensorsWriter, TensorFiles
 from tests.tiny_models import save_hf_folder, tiny_model
 
 
@@ -31,6 +31,21 @@ def test_streamed_file_is_byte_for_byte_the_librarys(tmp_path: Path) -> None:
     assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
     loaded = load_file(str(tmp_path / "streamed.safetensors"))
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def test_appended_file_is_byte_for_byte_the_librarys(tmp_path: Path) -> None:
+    tensors = {**mixed_tensors(), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "library.safetensors"))
+    with AppendedSafetensorsWriter(tmp_path / "appended.safetensors") as writer:
+        writer.CHUNK_BYTES = 8  # several chunks per tensor
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    assert (tmp_path / "appended.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appended.safetensors", "library.safetensors"]
+    with pytest.raises(RuntimeError, match="stopped"), AppendedSafetensorsWriter(tmp_path / "failed.safetensors") as w:
+        w.write("a", torch.ones(2))
+        raise RuntimeError("stopped")
+    assert not (tmp_path / "failed.safetensors").exists() and not (tmp_path / "failed.safetensors.parts").exists()
 
 
 def test_a_tensor_never_written_or_of_another_shape_is_an_error(tmp_path: Path) -> None:

@@ -63,10 +63,7 @@ def fold_rmsnorm_into_linears(norm: nn.Module, linears: list[nn.Linear]) -> None
     """RMSNorm(x)·g feeding W equals RMSNorm(x) feeding W·diag(g); the norm's weight becomes 1."""
     scale = norm.weight.double()
     for linear in linears:
-        weight = linear.weight.data
-        for start in range(0, weight.shape[0], _ROW_CHUNK):  # a vocabulary-sized lm_head in float64 is GBs
-            rows = weight[start:start + _ROW_CHUNK]
-            rows.copy_((rows.double() * scale[None, :]).to(weight.dtype))
+        _update_rows_in_chunks(linear.weight.data, lambda rows: rows * scale[None, :])
     norm.weight.data.fill_(1.0)
 
 
@@ -108,10 +105,15 @@ def rotate_weight_rows(module: nn.Module, rotation: torch.Tensor) -> None:
 
     Rows are rotated in chunks so the float64 copy of a large vocabulary stays small.
     """
-    weight = module.weight
+    _update_rows_in_chunks(module.weight.data, lambda rows: rows @ rotation)
+
+
+def _update_rows_in_chunks(weight: torch.Tensor, update: Any) -> None:
+    """weight ← update(weight) in float64, _ROW_CHUNK rows at a time: a vocabulary-sized matrix in float64 is
+    GBs. `update` must act on each row alone (a right product, a column scale)."""
     for start in range(0, weight.shape[0], _ROW_CHUNK):
-        rows = weight.data[start:start + _ROW_CHUNK]
-        rows.copy_((rows.double() @ rotation).to(weight.dtype))
+        rows = weight[start:start + _ROW_CHUNK]
+        rows.copy_(update(rows.double()).to(weight.dtype))
 
 
 @torch.no_grad()

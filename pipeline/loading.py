@@ -229,7 +229,7 @@ def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
     elif kind == "artifact":
         manifest = read_manifest(where)
         verify_files(where, manifest, full=False)
-        source = {"kind": "artifact", "path": str(Path(where).resolve()), "stage": manifest.get("stage")}
+        source = {}
     elif kind == "folder" and TensorFiles.present(where):
         source = {"kind": "folder", "path": str(Path(where).resolve())}
     else:
@@ -237,9 +237,8 @@ def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
     with model_files_explained(where):
         config = AutoConfig.from_pretrained(str(where))
     family_for_model_type(config.model_type)
-    source["model_type"] = config.model_type
-    if manifest is not None:
-        source["origin"] = manifest.get("source")
+    source = artifact_source(where, manifest, config.model_type) if manifest is not None else {
+        **source, "model_type": config.model_type}
     return WeightsFolder(Path(where), source, config, manifest)
 
 
@@ -311,6 +310,10 @@ def load_artifact_model(path: Path, dtype: torch.dtype = torch.float32) -> Loade
         load_safetensors_into(model, str(Path(path) / WEIGHTS_NAME), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     model.to(dtype).eval()
-    source = {"kind": "artifact", "path": str(Path(path).resolve()), "stage": manifest.get("stage"),
-              "model_type": config.model_type, "origin": manifest.get("source")}
-    return LoadedModel(model, tokenizer, family, source, manifest)
+    return LoadedModel(model, tokenizer, family, artifact_source(path, manifest, config.model_type), manifest)
+
+
+def artifact_source(path: Path, manifest: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """A stage folder's provenance as the next stage records it; `origin` reaches back to the original model."""
+    return {"kind": "artifact", "path": str(Path(path).resolve()), "stage": manifest.get("stage"),
+            "model_type": model_type, "origin": manifest.get("source")}

@@ -86,7 +86,11 @@ def _sequential_groups(family: DecoderFamily, true_sequential: bool) -> list[tup
 
 @torch.no_grad()
 def _set_dequantized(module: nn.Module, quantized: QuantizedWeight) -> None:
-    module.weight.data = quantized.dequantize().to(module.weight.dtype).reshape(module.weight.shape)
+    weight = module.weight.data
+    if weight.dtype == torch.float32 and weight.shape == quantized.shape and weight.is_contiguous():
+        quantized.dequantize(out=weight)  # in place: a vocabulary-sized head is not copied
+    else:
+        module.weight.data = quantized.dequantize().to(weight.dtype).reshape(weight.shape)
 
 
 def _quantize_rtn(module: nn.Module, spec: LayerQuantSpec, scheme: QuantScheme, name: str) -> QuantizedWeight:

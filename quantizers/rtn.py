@@ -66,6 +66,15 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor | None) -> Tenso
 # Rows per clip-search pass are sized so the temporaries stay cache-resident (about 3x faster
 # than one pass over a large weight, which is memory-bound).
 _CHUNK_ELEMENTS = 1 << 17
+# Rows per rounding / dequantization pass: the float temporaries of a vocabulary-sized matrix (a 152k x 1536
+# embedding is 0.93 GB in float32, and rounding it whole held three such copies) stay at 64 MiB.
+_ROUNDING_CHUNK_ELEMENTS = 1 << 24
+
+
+def row_chunks(rows: int, width: int, elements: int = _ROUNDING_CHUNK_ELEMENTS) -> list[slice]:
+    """Row slices of about `elements` elements each, covering `rows` rows of `width` columns."""
+    step = max(1, elements // max(1, width))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def compute_qparams(
@@ -140,14 +149,23 @@ class QuantizedWeight:
         """Whether the last group is shorter than the others."""
         return self.n_groups * self.effective_group_size != self.codes.shape[1]
 
-    def dequantize(self) -> Tensor:
-        """The float32 ``[out, in]`` weight these codes stand for."""
+    def dequantize(self, out: Tensor | None = None) -> Tensor:
+        """The float32 ``[out, in]`` weight these codes stand for, written into ``out`` when given (the
+        layer's own float32 weight: no second copy of a vocabulary-sized matrix). Rows are dequantized a
+        chunk at a time; the arithmetic is elementwise, so the floats are those of one whole pass."""
         out_features, in_features = self.codes.shape
-        codes = pad_columns(self.codes.float(), self.n_groups * self.effective_group_size)
-        codes = codes.view(out_features, self.n_groups, self.effective_group_size)
-        zero = None if self.zero_points is None else self.zero_points.float().unsqueeze(-1)
-        deq = dequantize_codes(codes, self.scales.unsqueeze(-1), zero)
-        return deq.reshape(out_features, -1)[:, :in_features].contiguous()  # own storage: safetensors saves it
+        if out is None:
+            out = torch.empty(out_features, in_features)  # own storage: safetensors saves it
+        elif out.shape != self.codes.shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise RotaqError(f"cannot dequantize {tuple(self.codes.shape)} codes into a {out.dtype} "
+                             f"{tuple(out.shape)} tensor")
+        width = self.n_groups * self.effective_group_size
+        for rows in row_chunks(out_features, width):
+            codes = pad_columns(self.codes[rows].float(), width).view(-1, self.n_groups, self.effective_group_size)
+            zero = None if self.zero_points is None else self.zero_points[rows].float().unsqueeze(-1)
+            deq = dequantize_codes(codes, self.scales[rows].unsqueeze(-1), zero)
+            out[rows] = deq.reshape(codes.shape[0], -1)[:, :in_features]
+        return out
 
 
 def pad_columns(w: Tensor, width: int) -> Tensor:
@@ -196,10 +214,11 @@ def quantize_weight_rtn(
     group = group_size or in_features
     w = pad_columns(weight.float(), n_groups * group).reshape(out_features, n_groups, group)
     scale, zero = compute_qparams(w, bits, symmetric, clip_search)
-    codes = quantize_to_codes(
-        w, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), bits, symmetric
-    )
-    codes = codes.reshape(out_features, -1)[:, :in_features]
+    codes = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
+    for rows in row_chunks(out_features, n_groups * group):
+        chunk = quantize_to_codes(w[rows], scale[rows].unsqueeze(-1),
+                                  None if zero is None else zero[rows].unsqueeze(-1), bits, symmetric)
+        codes[rows] = chunk.reshape(chunk.shape[0], -1)[:, :in_features]
     return pack_quantized(codes, scale, zero, group_size, bits, symmetric)
 
 

@@ -168,6 +168,35 @@ def test_groups_are_independent_per_channel_quantizations() -> None:
     assert grouped.effective_group_size == 32 and grouped.n_groups == 4
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [None, 32, 48])
+def test_rtn_in_row_chunks_is_one_pass(monkeypatch: pytest.MonkeyPatch, symmetric: bool, group: int | None) -> None:
+    """Codes and dequantized weights computed a few rows at a time (how a vocabulary-sized head is rounded)
+    are bit-for-bit those of one pass over the matrix; dequantizing into the layer's own weight too."""
+    from rotaq.quantizers import rtn
+
+    w = _weight(out=37, inn=80)
+    whole = quantize_weight_rtn(w, 4, group, symmetric, clip_search=True, allow_ragged=True)
+    monkeypatch.setattr(rtn, "_ROUNDING_CHUNK_ELEMENTS", 3 * 80)  # 3 rows a chunk, a ragged last chunk
+    chunked = quantize_weight_rtn(w, 4, group, symmetric, clip_search=True, allow_ragged=True)
+    assert torch.equal(chunked.codes, whole.codes) and chunked.codes.dtype == whole.codes.dtype
+    assert torch.equal(chunked.scales, whole.scales)
+    into = torch.empty_like(w)
+    assert chunked.dequantize(out=into) is into
+    monkeypatch.setattr(rtn, "_ROUNDING_CHUNK_ELEMENTS", 1 << 24)
+    assert torch.equal(into, whole.dequantize())
+    # The one-pass reference: the rounding formula applied to the whole padded matrix at once.
+    n_groups = whole.n_groups
+    width = n_groups * whole.effective_group_size
+    grid = rtn.pad_columns(w, width).view(37, n_groups, -1)
+    zero = None if symmetric else whole.zero_points.float().unsqueeze(-1)
+    codes = rtn.quantize_to_codes(grid, whole.scales.unsqueeze(-1), zero, 4, symmetric)
+    assert torch.equal(codes.reshape(37, -1)[:, :80].to(whole.codes.dtype), whole.codes)
+    assert torch.equal(rtn.dequantize_codes(codes, whole.scales.unsqueeze(-1), zero).reshape(37, -1)[:, :80], into)
+    with pytest.raises(RotaqError, match="cannot dequantize"):
+        whole.dequantize(out=torch.empty(37, 81))
+
+
 def test_rtn_rejects_bad_group_and_non_finite() -> None:
     with pytest.raises(RotaqError, match=r"model\.layers\.2\.self_attn\.q_proj.*48"):
         quantize_weight_rtn(_weight(inn=128), 4, 48, layer_name="model.layers.2.self_attn.q_proj")

@@ -167,19 +167,37 @@ def run_scale_bench(out: Path, shapes: Sequence[str], memory_limit_gb: float,
                                     int(memory_limit_gb * GIB), folder / f"{stage.name}.log")
             if measured.status == "ok":
                 finished.add(stage.name)
-            rows.append({**row, "status": measured.status, "wall_s": measured.wall_s,
+            rows.append({**row, "status": measured.status, "measured": time.strftime("%Y-%m-%d %H:%M"),
+                         "wall_s": measured.wall_s,
                          "wall_s_per_layer": measured.wall_s / row["layers"], "peak_rss_gb": measured.peak_rss_bytes / GIB,
                          "peak_over_bf16": measured.peak_rss_bytes / source_bytes})
             progress(f"{shape}: {stage.name} {measured.status}, {measured.wall_s:.0f} s, "
                      f"peak {measured.peak_rss_bytes / GIB:.2f} GB")
-    return write_scale_outputs(out, rows, memory_limit_gb)
+    return write_scale_outputs(out, _with_earlier_rows(out, rows), memory_limit_gb)
+
+
+def _with_earlier_rows(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` and the rows of an earlier scale.json in `out` for (shape, stage) pairs not measured again, so a
+    run of some stages adds to the table instead of replacing it; each row keeps the time it was measured."""
+    import json
+
+    try:
+        earlier = json.loads((out / "scale.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = []
+    measured = {(row["shape"], row["stage"]) for row in rows}
+    kept = [row for row in earlier if isinstance(row, dict) and (row.get("shape"), row.get("stage")) not in measured]
+    shape_order = {shape: index for index, shape in enumerate(SHAPES)}
+    stage_order = {stage.name: index for index, stage in enumerate(STAGES)}
+    return sorted(kept + rows, key=lambda row: (shape_order.get(row.get("shape"), len(SHAPES)),
+                                                stage_order.get(row.get("stage"), len(STAGES))))
 
 
 def _output_folder(stage: StageRun, folder: Path) -> Path:
     return Path(stage.arguments[stage.arguments.index("--out") + 1].format(out=folder))
 
 
-COLUMNS = ["shape", "layers", "bf16_gb", "stage", "status", "wall_s", "wall_s_per_layer", "peak_rss_gb",
+COLUMNS = ["shape", "layers", "bf16_gb", "stage", "status", "measured", "wall_s", "wall_s_per_layer", "peak_rss_gb",
            "peak_over_bf16"]
 
 

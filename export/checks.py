@@ -16,6 +16,8 @@ Whole-model errors (1, 3, 4) are measured and recorded, not enforced.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,12 @@ def check_graph_matches_model(graph: DecoderGraph, model: nn.Module, input_ids: 
     """Logit agreement of the export forward with the HF model; enforced for float graphs."""
     with torch.inference_mode():
         expected = model(input_ids=input_ids).logits
-    comparison = compare_logits(graph_prefill_logits(graph, input_ids), expected)
-    if not graph.quantized_linears():
+    return compare_graph_logits(graph_prefill_logits(graph, input_ids), expected, bool(graph.quantized_linears()))
+
+
+def compare_graph_logits(graph_logits: torch.Tensor, model_logits: torch.Tensor, quantized: bool) -> dict[str, Any]:
+    comparison = compare_logits(graph_logits, model_logits)
+    if not quantized:
         _require("export forward vs model", comparison["max_rel_error"], GRAPH_TOLERANCE)
     return comparison
 
@@ -104,16 +110,20 @@ def check_onnx_file(path: Path) -> None:
         raise RotaqError(f"onnx.checker rejects {path.name}: {str(exc).splitlines()[0]}") from exc
 
 
-def check_runtime(decoder: OnnxDecoder, graph: DecoderGraph, input_ids: torch.Tensor,
-                  decode_steps: int) -> dict[str, dict[str, Any]]:
-    """ORT prefill vs the PyTorch export forward, and prefill + `decode_steps` cached single-token
-    steps vs one long ORT prefill; enforced (< 1e-4) for float graphs."""
+def check_runtime(decoder: OnnxDecoder, graph: DecoderGraph | torch.Tensor, input_ids: torch.Tensor,
+                  decode_steps: int, quantized: bool | None = None) -> dict[str, dict[str, Any]]:
+    """ORT prefill vs the PyTorch export forward (`graph`, or its prefill logits of `input_ids` computed
+    already), and prefill + `decode_steps` cached single-token steps vs one long ORT prefill; enforced
+    (< 1e-4) for float graphs."""
     tokens = input_ids.numpy()
     runtime_logits = decoder.logits(tokens)
-    comparisons = {"ort_vs_torch": compare_logits(runtime_logits, graph_prefill_logits(graph, input_ids)),
+    expected = graph if isinstance(graph, torch.Tensor) else graph_prefill_logits(graph, input_ids)
+    comparisons = {"ort_vs_torch": compare_logits(runtime_logits, expected),
                    "decode_vs_prefill": compare_logits(decode_logits(decoder, tokens, decode_steps),
                                                        runtime_logits[:, -decode_steps:])}
-    if not graph.quantized_linears():
+    if quantized is None:
+        quantized = bool(graph.quantized_linears())
+    if not quantized:
         for name, comparison in comparisons.items():
             _require(name, comparison["max_rel_error"], RUNTIME_TOLERANCE)
     return comparisons
@@ -122,19 +132,34 @@ def check_runtime(decoder: OnnxDecoder, graph: DecoderGraph, input_ids: torch.Te
 def check_quantized_layers(graph: DecoderGraph, input_ids: torch.Tensor) -> float:
     """Worst relative error of any quantized linear run alone in ONNX Runtime against its emitter's
     PyTorch reference, on the matmul inputs the check sequences produce; refuses > 1e-5."""
-    modules = [m for m in graph.modules() if isinstance(m, ExportLinear) and m.emitter is not None]
+    modules = quantized_modules(graph)
+    with captured_matmul_inputs(modules) as inputs:
+        graph_prefill_logits(graph, input_ids)
+    return check_quantized_modules(modules, inputs)
+
+
+def quantized_modules(module: nn.Module) -> list[ExportLinear]:
+    return [m for m in module.modules() if isinstance(m, ExportLinear) and m.emitter is not None]
+
+
+@contextlib.contextmanager
+def captured_matmul_inputs(modules: list[ExportLinear]) -> Iterator[dict[str, torch.Tensor]]:
+    """Path → what each module's weight multiplies, recorded while the block runs."""
     inputs: dict[str, torch.Tensor] = {}
 
     def capture(module: ExportLinear, args: tuple[torch.Tensor]) -> None:
-        x = args[0]
-        inputs[module.path] = module.matmul_input(x)
+        inputs[module.path] = module.matmul_input(args[0])
 
     hooks = [module.register_forward_pre_hook(capture) for module in modules]
     try:
-        graph_prefill_logits(graph, input_ids)
+        yield inputs
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def check_quantized_modules(modules: list[ExportLinear], inputs: dict[str, torch.Tensor]) -> float:
+    """Each quantized linear alone in ONNX Runtime on its captured input against its emitter's reference."""
     worst = 0.0
     for module in modules:
         in_features, out_features = module.weight_t.shape

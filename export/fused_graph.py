@@ -65,7 +65,7 @@ def fused_layout_problem(graph: DecoderGraph) -> str | None:
 
 def build_fused_model(graph: DecoderGraph, context_length: int) -> onnx.ModelProto:
     """The whole decoder in the fused layout, with the I/O contract of `rotaq.export.layout`."""
-    return _FusedBuilder(graph, context_length).build()
+    return FusedBuilder(graph, context_length).build()
 
 
 def two_factor_hadamard(factors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +102,7 @@ def _kron(factors: list[np.ndarray]) -> np.ndarray:
     return dense
 
 
-class _FusedBuilder:
+class FusedBuilder:
     """Appends the graph's nodes and initializers to one Emission, block by block, named by module."""
 
     def __init__(self, graph: DecoderGraph, context_length: int) -> None:
@@ -118,29 +118,46 @@ class _FusedBuilder:
         return NodeBuilder(prefix, self.emission)
 
     def build(self) -> onnx.ModelProto:
-        graph = self.graph
-        seqlens_k, total_length = self._attention_lengths()
-        cos_cache, sin_cache = self._rope_caches()
-        hidden = self._embed()
-        residual = hidden
-        pending: str | None = None  # the previous layer's MLP output, not yet added to the residual stream
-        path_inputs: dict[int, str] = {}
-        for index, layer in enumerate(graph.layers):
-            b = self.at(f"layers.{index}")
-            if pending is None:
-                normed = self._norm(b, layer.input_norm, hidden, "input_norm")
-            else:
-                normed, residual = self._skip_norm(b, layer.input_norm, pending, residual, "input_norm")
-            path_inputs[index] = residual
-            attn_output = self._attention(b, layer, index, normed, seqlens_k, total_length, cos_cache, sin_cache)
-            normed, residual = self._skip_norm(b, layer.post_attention_norm, attn_output, residual, "post_attention_norm")
-            pending = self._mlp(b, layer, normed)
-            for number, path in enumerate(graph.side_paths):
-                if path.last == index:
-                    pending = self._side_path(self.at(f"side_paths.{number}"), path, path_inputs[path.first], pending)
-        normed, _ = self._skip_norm(self.at("final"), graph.norm, pending, residual, "norm")
+        """The whole graph from the graph's own layers."""
+        self.begin()
+        for index, layer in enumerate(self.graph.layers):
+            self.add_layer(index, layer)
+        self.add_head()
+        return self.model_proto()
+
+    # The steps of `build`, also called one by one by `rotaq.export.streamed`, which hands each step the
+    # one decoder layer it has loaded and spills the step's initializers to disk before loading the next.
+
+    def begin(self) -> None:
+        """The attention-mask inputs, the RoPE caches and the embedding lookup."""
+        self.seqlens_k, self.total_length = self._attention_lengths()
+        self.cos_cache, self.sin_cache = self._rope_caches()
+        self.hidden = self._embed()
+        self.residual = self.hidden
+        self.pending: str | None = None  # the previous layer's MLP output, not yet added to the residual stream
+        self.path_inputs: dict[int, str] = {}
+
+    def add_layer(self, index: int, layer: DecoderLayer) -> None:
+        b = self.at(f"layers.{index}")
+        if self.pending is None:
+            normed = self._norm(b, layer.input_norm, self.hidden, "input_norm")
+        else:
+            normed, self.residual = self._skip_norm(b, layer.input_norm, self.pending, self.residual, "input_norm")
+        self.path_inputs[index] = self.residual
+        attn_output = self._attention(b, layer, index, normed, self.seqlens_k, self.total_length, self.cos_cache,
+                                      self.sin_cache)
+        normed, self.residual = self._skip_norm(b, layer.post_attention_norm, attn_output, self.residual,
+                                                "post_attention_norm")
+        self.pending = self._mlp(b, layer, normed)
+        for number, path in enumerate(self.graph.side_paths):
+            if path.last == index:
+                self.pending = self._side_path(self.at(f"side_paths.{number}"), path, self.path_inputs[path.first],
+                                               self.pending)
+
+    def add_head(self) -> None:
+        """The final norm and the head."""
+        normed, _ = self._skip_norm(self.at("final"), self.graph.norm, self.pending, self.residual, "norm")
         self._lm_head(normed)
-        return self._model()
 
     # --- inputs -------------------------------------------------------------------------------------
 
@@ -172,7 +189,7 @@ class _FusedBuilder:
         return seqlens, b.node("Cast", [width], "total_length", to=TensorProto.INT32)
 
     def _rope_caches(self) -> tuple[str, str]:
-        """cos/sin [context, head_dim / 2], computed as `DecoderGraph._rope_tables` computes them."""
+        """cos/sin [context, head_dim / 2], computed as `DecoderGraph.rope_tables` computes them."""
         graph = self.graph
         positions = torch.arange(self.context_length, dtype=torch.long)
         freqs = positions[:, None].float() * graph.inv_freq
@@ -332,7 +349,8 @@ class _FusedBuilder:
 
     # --- model --------------------------------------------------------------------------------------
 
-    def _model(self) -> onnx.ModelProto:
+    def model_proto(self) -> onnx.ModelProto:
+        """The model around the nodes and initializers emitted so far."""
         shape = self.graph.shape
         spec = io_spec(shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.vocab_size)
         inputs = [helper.make_tensor_value_info(e["name"], _DTYPES[e["dtype"]], e["shape"]) for e in spec["inputs"]]

@@ -230,16 +230,9 @@ class DecoderGraph(nn.Module):
         # A tied head reads the embedding matrix through a Transpose rather than storing a second copy.
         tied = lm_head.weight is embed.weight
         self.lm_head = None if tied else ExportLinear(lm_head, family.lm_head, emitters.get(family.lm_head))
-        self.embed_codes: torch.Tensor | None
-        self.embed_scales: torch.Tensor | None
-        if not (embedding_codes is not None and not tied and embedding_codes.n_groups == 1
-                and embedding_codes.symmetric and embedding_codes.bits == 8):
-            self.embed_codes = self.embed_scales = None
-        else:
-            # Rows are looked up as int8 codes times their row scale (codes * scale, the quantize
-            # stage's own dequantization, so the same floats): the table is stored in 8 bits, not 32.
-            self.register_buffer("embed_codes", embedding_codes.codes.clone(), persistent=False)
-            self.register_buffer("embed_scales", embedding_codes.scales.clone(), persistent=False)
+        self.register_buffer("embed_codes", None, persistent=False)
+        self.register_buffer("embed_scales", None, persistent=False)
+        self.use_embedding(embed.weight, embedding_codes)
         unplaced = sorted(set(emitters) - {m.path for m in self.modules() if isinstance(m, ExportLinear)})
         if unplaced:
             raise UnsupportedModelError(f"quantized layers with no exported linear: {', '.join(unplaced)} "
@@ -254,16 +247,34 @@ class DecoderGraph(nn.Module):
                 f"RoPE covers {2 * self.inv_freq.numel()} of {self.shape.head_dim} head dims (partial rotary); "
                 "export supports full-width RoPE only")
 
+    def use_embedding(self, weight: torch.Tensor, codes: QuantizedWeight | None) -> None:
+        """Look tokens up in `weight`, or in 8-bit per-row `codes` where the quantize stage wrote them for an
+        untied table. Rows are then int8 codes times their row scale (codes * scale, the quantize stage's own
+        dequantization, so the same floats): the table is stored in 8 bits, not 32."""
+        self.embed_weight = weight
+        if codes is not None and self.lm_head is not None and codes.n_groups == 1 and codes.symmetric \
+                and codes.bits == 8:
+            self.embed_codes, self.embed_scales = codes.codes.clone(), codes.scales.clone()
+        else:
+            self.embed_codes = self.embed_scales = None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_codes is None:
+            return F.embedding(input_ids, self.embed_weight)
+        return F.embedding(input_ids, self.embed_codes).float() * F.embedding(input_ids, self.embed_scales)
+
+    def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of the last layer's output: the final norm, then lm_head (or the tied embedding)."""
+        hidden_states = self.norm(hidden_states)
+        return hidden_states @ self.embed_weight.t() if self.lm_head is None else self.lm_head(hidden_states)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 past_key_values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         seq = input_ids.shape[1]
         past = past_key_values[0].shape[2]
-        cos, sin = self._rope_tables(attention_mask, past)
-        masks = self._attention_masks(attention_mask, seq, past)
-        if self.embed_codes is None:
-            hidden_states = F.embedding(input_ids, self.embed_weight)
-        else:
-            hidden_states = F.embedding(input_ids, self.embed_codes).float() * F.embedding(input_ids, self.embed_scales)
+        cos, sin = self.rope_tables(attention_mask, past)
+        masks = self.attention_masks(attention_mask, seq, past)
+        hidden_states = self.embed(input_ids)
         present: list[torch.Tensor] = []
         path_inputs: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
@@ -275,23 +286,21 @@ class DecoderGraph(nn.Module):
                 if path.last == index:
                     hidden_states = hidden_states + path(path_inputs[path.first])
             present += [key, value]
-        hidden_states = self.norm(hidden_states)
-        logits = hidden_states @ self.embed_weight.t() if self.lm_head is None else self.lm_head(hidden_states)
-        return (logits, *present)
+        return (self.head(hidden_states), *present)
 
     def quantized_linears(self) -> dict[str, LinearEmitter]:
         """Weight-initializer name (`<graph module>.weight_t`) → emitter, for every linear that has one."""
         return {f"{name}.weight_t": module.emitter for name, module in self.named_modules()
                 if isinstance(module, ExportLinear) and module.emitter is not None}
 
-    def _rope_tables(self, attention_mask: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, attention_mask: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, 1, S, head_dim]; a token's position is the number of real tokens before it."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling)[:, None], (emb.sin() * self.attention_scaling)[:, None]
 
-    def _attention_masks(self, attention_mask: torch.Tensor, seq: int, past: int) -> dict[int | None, torch.Tensor]:
+    def attention_masks(self, attention_mask: torch.Tensor, seq: int, past: int) -> dict[int | None, torch.Tensor]:
         """Boolean [B, 1, S, P + S] masks: causal over cache slots, padding slots excluded, and for a
         sliding-window layer only the last `window` slots (HF: kv_idx > q_idx - window)."""
         key_slots = torch.arange(past + seq, device=attention_mask.device)

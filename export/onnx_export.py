@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from rotaq.export.graph_module import DecoderGraph, DecoderShape
 from rotaq.export.layout import ATTENTION_MASK, DATA_NAME, EXTERNAL_DATA_THRESHOLD, GRAPH_NAME, INPUT_IDS, LOGITS, OPSET, io_spec, past_names, present_names
 from rotaq.export.rewrite import rewrite_linears
 from rotaq.pipeline.errors import RotaqError
+from rotaq.pipeline.streamed_model import return_freed_memory
 
 # Example sizes for tracing: all distinct and >= 2, because torch.export specializes sizes 0 and 1
 # and would unify equal ones; the graph itself accepts any batch, sequence and past length (incl. 0).
@@ -54,6 +56,36 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> Path:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_NAME, size_threshold=EXTERNAL_DATA_THRESHOLD)
     return path
+
+
+class SpilledInitializers:
+    """Moves a graph's large initializers into folder/model.onnx.data while the graph is still being built, so
+    a layer-streamed export never holds more than one layer's tensors. Each tensor goes through onnx's own
+    `set_external_data` / `save_external_data`, in the order `save_graph` would write it, so the data file and
+    the graph's references are byte-for-byte those of saving the whole graph at once; `save_graph` then writes
+    only the remaining small tensors inline."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        (self.folder / DATA_NAME).write_bytes(b"")
+        self.spilled = 0  # initializers handled so far
+
+    def spill(self, initializers: list[onnx.TensorProto]) -> None:
+        """Write every initializer after the ones handled already; they keep their names, lose their bytes."""
+        from onnx.external_data_helper import save_external_data, set_external_data
+
+        for index in range(self.spilled, len(initializers)):
+            tensor = initializers[index]
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD:
+                set_external_data(tensor, DATA_NAME)
+                save_external_data(tensor, str(self.folder))
+                tensor.ClearField("raw_data")
+                # A cleared field keeps its bytes in the message's arena (measured: 200 MB of cleared tensors
+                # stayed resident); a fresh copy without them lets the old message and its arena go.
+                initializers[index] = onnx.TensorProto()
+                initializers[index].CopyFrom(tensor)
+        self.spilled = len(initializers)
+        return_freed_memory()
 
 
 def _name_axes(model: onnx.ModelProto, spec: dict[str, list[dict]]) -> None:

@@ -215,6 +215,17 @@ class WeightsFolder:
             return AutoTokenizer.from_pretrained(str(self.folder))
 
 
+def folder_generation_config(folder: Path, config: Any) -> Any:
+    """The generation config `from_pretrained` gives a model of this folder: its generation_config.json, else
+    one derived from the model config (for a skeleton built with `from_config`, which reads neither)."""
+    from transformers import GenerationConfig
+
+    if (Path(folder) / "generation_config.json").is_file():
+        with model_files_explained(folder):
+            return GenerationConfig.from_pretrained(str(folder))
+    return GenerationConfig.from_model_config(config)
+
+
 def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
     """`spec` as a WeightsFolder, or None where the weights are not local safetensors (a hub id, a folder of
     pickled .bin files): callers then load the whole model with `load_model`."""

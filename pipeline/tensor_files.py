@@ -37,10 +37,16 @@ _DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.i
 class TensorFiles:
     """The tensors of a model folder's safetensors weights (one file, or shards with an index), by name."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, file_name: str | None = None) -> None:
+        """`file_name`: one named safetensors file of the folder (a quantized folder's codes) instead of its
+        weights."""
         self.folder = Path(folder)
         index = self.folder / SHARD_INDEX_NAME
-        if (self.folder / SINGLE_FILE_NAME).is_file():
+        if file_name is not None:
+            if not (self.folder / file_name).is_file():
+                raise ArtifactError(f"{self.folder} has no {file_name}")
+            files = [file_name]
+        elif (self.folder / SINGLE_FILE_NAME).is_file():
             files = [SINGLE_FILE_NAME]
         elif index.is_file():
             try:

@@ -62,6 +62,22 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     return outputs
 
 
+def float32_inputs(inputs: LayerInputs) -> LayerInputs:
+    """The captured layer-0 inputs in float32, so a bf16 model is checked against itself in float32."""
+    def cast(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.float()
+        return tuple(cast(v) for v in value) if isinstance(value, tuple) else value
+
+    return LayerInputs([h.float() for h in inputs.hidden_states],
+                       [{key: cast(value) for key, value in kwargs.items()} for kwargs in inputs.layer_kwargs])
+
+
+def advanced(inputs: LayerInputs, layer: nn.Module) -> LayerInputs:
+    """The next layer's inputs: this layer's outputs, with the same masks and position embeddings."""
+    return LayerInputs(run_layer(layer, inputs), inputs.layer_kwargs)
+
+
 @torch.no_grad()
 def run_layer_until_stopped(layer: nn.Module, inputs: LayerInputs) -> None:
     """Feed every batch to `layer` for its hooks' sake; a hook may end a batch early with StopForward."""

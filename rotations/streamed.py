@@ -25,7 +25,7 @@ from rotaq.pipeline.families import DecoderFamily, check_family_layout, decoder_
 from rotaq.pipeline.progress import progress_bar
 from rotaq.pipeline.streamed_model import empty_model, load_module, release_module, write_module
 from rotaq.pipeline.tensor_files import StreamedSafetensorsWriter, TensorFiles
-from rotaq.quantizers.calibration import LayerInputs, capture_first_layer_inputs, run_layer
+from rotaq.quantizers.calibration import LayerInputs, advanced, capture_first_layer_inputs, float32_inputs
 from rotaq.rotations.rotate import (CANNOT_ROTATE, RotationConfig, layer_online_specs, online_rotation_specs,
                                     residual_rotation_matrix, rotate_decoder_layer, rotate_head,
                                     max_relative_error, rotate_weight_rows, rotation_section)
@@ -81,10 +81,10 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
     with StreamedSafetensorsWriter(weights_path, output_layout(files, model, family), {"format": "pt"}) as writer:
         embed = model.get_submodule(family.embed_tokens)
         load_module(embed, embed_prefix, files)
-        original = _float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
+        original = float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
             if check_tokens is not None else None
         rotate_weight_rows(embed, rotation)
-        rotated = _float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
+        rotated = float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
             if check_tokens is not None else None
         write_module(embed, embed_prefix, writer)
         release_module(embed)
@@ -93,11 +93,11 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
             prefix = f"{family.layers}.{index}."
             load_module(layer, prefix, files)
             if original is not None:
-                original = _advance(original, copy.deepcopy(layer).float())
+                original = advanced(original, copy.deepcopy(layer).float())
             rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index))
             write_module(layer, prefix, writer)
             if rotated is not None:
-                rotated = _advance(rotated, layer.float())
+                rotated = advanced(rotated, layer.float())
             release_module(layer)
 
         norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
@@ -114,22 +114,6 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
         section["check"] = {"tokens": int(check_tokens.shape[-1]), "layer_by_layer": True,
                             "max_relative_logit_error": max_relative_error(actual, expected)}
     return section
-
-
-def _float32_inputs(inputs: LayerInputs) -> LayerInputs:
-    """The captured layer-0 inputs in float32, so a bf16 model is checked against itself in float32."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.float()
-        return tuple(cast(v) for v in value) if isinstance(value, tuple) else value
-
-    return LayerInputs([h.float() for h in inputs.hidden_states],
-                       [{key: cast(value) for key, value in kwargs.items()} for kwargs in inputs.layer_kwargs])
-
-
-def _advance(inputs: LayerInputs, layer: nn.Module) -> LayerInputs:
-    """The next layer's inputs: this layer's outputs, with the same masks and position embeddings."""
-    return LayerInputs(run_layer(layer, inputs), inputs.layer_kwargs)
 
 
 def _logits(norm: nn.Module, head: nn.Module, inputs: LayerInputs, rows_at_once: int = 8192) -> torch.Tensor:

@@ -69,6 +69,8 @@ def test_selected_stages_reuse_an_earlier_runs_folders(tmp_path: Path) -> None:
     paths = run_scale_bench(tmp_path / "reused", ["tiny"], memory_limit_gb=8.0, progress=lambda line: None,
                             stages=["export"])
     rows = json.loads(paths["json"].read_text())["rows"]
-    assert [(row["stage"], row["status"]) for row in rows] == [("export", "ok")]
+    # The earlier run's rows stay in the table, in stage order, each with the time it was measured.
+    assert [(row["stage"], row["status"]) for row in rows] == [("rotate", "ok"), ("quantize-rtn", "ok"), ("export", "ok")]
+    assert all(row["measured"] for row in rows)
     with pytest.raises(RotaqError, match="unknown stage"):
         run_scale_bench(tmp_path, ["tiny"], memory_limit_gb=8.0, stages=["rotat"])

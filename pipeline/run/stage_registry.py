@@ -180,7 +180,8 @@ def _export_options(config: RunConfig, branch: str | None) -> dict[str, Any]:
 
 
 def _export(api: ModuleType, call: StageCall) -> None:
-    api.run_export(build_options(api.ExportOptions, call.options, model=call.inputs["model"], out=call.output))
+    api.run_export(build_options(api.ExportOptions, call.options, model=call.inputs["model"], out=call.output,
+                                 progress=call.show_progress))
 
 
 def _bench_options(config: RunConfig, branch: str | None) -> dict[str, Any]:

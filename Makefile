@@ -54,7 +54,7 @@ bench: install
 # scale: every stage's wall time and peak memory on random Qwen2.5 0.5B and 1.5B shapes in bf16
 # (runs/scale/scale.md); a stage past 20 GB is stopped and recorded as such.
 scale: install
-	$(VENV)/bin/rotaq scale-bench --out runs/scale --shapes qwen2.5-0.5b,qwen2.5-1.5b
+	$(VENV)/bin/rotaq scale-bench --out runs/scale --shapes qwen2.5-0.5b-12l,qwen2.5-0.5b,qwen2.5-1.5b
 
 # gate-check: the latency gate's measured false-alarm and detection rates on the embedded model's W4A8 export
 # (20 self runs, 20 runs of a copy slowed 20% in decode, a busy core during half): runs/gate-check/gate-check.md.

@@ -25,6 +25,7 @@ from rotaq.adapters.kinds import adapter_kind, adapter_type_names, install_adapt
 from rotaq.adapters.lor2c_config import SCORE_METHODS, Lor2cConfig
 from rotaq.adapters.structure import adapter_state_dict
 from rotaq.adapters.train import TrainConfig, TrainResult, train_adapters
+from rotaq.pipeline.devices import AUTO, CPU, torch_device, training_device_problem
 from rotaq.pipeline.artifacts import WEIGHTS_NAME, is_artifact, new_manifest, refuse_output_over_input, write_model_artifact
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import ArtifactError, RotaqError
@@ -70,6 +71,8 @@ class FinetuneOptions:
     data: str | None = None
     seq_len: int = 256
     eval_tokens: int = setting(4096, "held-out tokens scored before and after training", minimum=2)
+    device: str = setting(AUTO, "auto (accelerate's choice: the GPUs when there are any, one per `accelerate "
+                                "launch` process), cpu or cuda", check=training_device_problem)
     resume: bool = False
     checkpoint_dir: Path | None = None  # default: <out>.checkpoints
     progress: bool = True
@@ -86,7 +89,9 @@ def run_finetune(options: FinetuneOptions) -> Path:
     refuse_output_over_input(options.out, options.model)
     _refuse_unreplaceable_out(Path(options.out))
     # Without CUDA, accelerate only sets up multi-process (gloo) training when told it runs on the CPU.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if options.device != AUTO:
+        torch_device(options.device)  # a missing GPU is refused here, in one line
+    accelerator = Accelerator(cpu=options.device == CPU or not torch.cuda.is_available())
     loaded = load_model(options.model)
     _refuse_unsuitable_parent(loaded, options.model)
     config = adapter_config(options, loaded)

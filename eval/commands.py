@@ -11,6 +11,7 @@ from rotaq.eval.metrics import EvalResult, evaluate
 from rotaq.eval.outliers import collect_linear_input_stats, outlier_table, summarize
 from rotaq.eval.plots import plot_outliers
 from rotaq.eval.tables import markdown_table, write_table
+from rotaq.pipeline.devices import CPU, device_problem, torch_device
 from rotaq.pipeline.atomic import write_json_atomic
 from rotaq.pipeline.cli_args import add_data_arguments, add_model_argument, data_spec, print_json
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
@@ -25,15 +26,17 @@ class EvalOptions:
     data: DataSpec = DataSpec()
     reference: str | None = None
     batch_size: int = setting(4, "windows per forward pass", minimum=1)
+    device: str = setting(CPU, "where the forward passes run: cpu, cuda or cuda:N", check=device_problem)
     progress: bool = True
 
 
 def run_eval(options: EvalOptions) -> dict[str, Any]:
     """Perplexity on the evaluation split; with a reference, also KL divergence and top-1 agreement."""
+    device = torch_device(options.device)
     loaded = load_model(options.model)
     windows = load_split_windows(options.data, loaded.tokenizer, "evaluation")
-    reference = load_model(options.reference).model if options.reference else None
-    result: EvalResult = evaluate(loaded.model, windows, reference=reference, batch_size=options.batch_size,
+    reference = load_model(options.reference).model.to(device) if options.reference else None
+    result: EvalResult = evaluate(loaded.model.to(device), windows, reference=reference, batch_size=options.batch_size,
                                   progress=options.progress)
     return {"model": options.model or "default", "reference": options.reference, "data": options.data.source or "default",
             "split": "evaluation", "windows_sha256": windows_fingerprint(windows), **result.to_dict()}

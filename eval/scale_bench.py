@@ -34,6 +34,9 @@ QWEN25_VOCAB = 151936
 # Qwen2.5 configurations (hidden, MLP, layers, heads, KV heads), tied embeddings as in the released models;
 # `tiny` keeps the shape family for the harness's own test.
 SHAPES: dict[str, dict[str, Any]] = {
+    # The 0.5B shape with half its layers: beside the full one, how time grows with depth at a fixed width.
+    "qwen2.5-0.5b-12l": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=12, num_attention_heads=14,
+                             num_key_value_heads=2, vocab_size=QWEN25_VOCAB),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=QWEN25_VOCAB),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,

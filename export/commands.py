@@ -7,15 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rotaq.export.stage import ExportOptions
 from rotaq.pipeline.cli_args import add_model_argument
+from rotaq.pipeline.options import add_option_flags, options_from_args
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from rotaq.export.layout import read_layout
-    from rotaq.export.stage import ExportOptions, run_export
+    from rotaq.export.stage import run_export
 
-    out = run_export(ExportOptions(model=args.model, out=Path(args.out), check_tokens=args.check_tokens,
-                                   layout=args.layout))
+    out = run_export(options_from_args(ExportOptions, args, model=args.model, out=Path(args.out)))
     manifest = read_layout(out).manifest
     checks = manifest["checks"]
     size = sum((out / name).stat().st_size for name in manifest["files"]) / 2**20
@@ -121,12 +122,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="stage 5: ONNX graph with KV cache, checked against PyTorch in ONNX Runtime")
     add_model_argument(export)
     export.add_argument("--out", required=True, help="output folder (written atomically)")
-    export.add_argument("--check-tokens", type=int, default=32,
-                        help="tokens per sequence of the logit checks (default 32)")
-    export.add_argument("--layout", default="fused", choices=["fused", "traced"],
-                        help="fused (default): onnxruntime-genai's fused operators (GroupQueryAttention, "
-                             "SkipSimplifiedLayerNormalization, packed projections); traced: torch.onnx's trace "
-                             "of the export forward, which also takes left-padded batches")
+    add_option_flags(export, ExportOptions)
     export.set_defaults(handler=_cmd_export)
 
     generate = commands.add_parser("generate", help="generate text from an exported folder with ONNX Runtime")

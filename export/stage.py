@@ -51,7 +51,7 @@ class ExportOptions:
     seed: int = setting(0, "seed of the check sequences")
     layer_by_layer: bool = setting(True, "export one decoder layer at a time from the memory-mapped stage folder "
                                          "(peak memory: one layer, a vocabulary-sized head and ONNX Runtime's "
-                                         "session for the checks); false, or a hub id, .bin weights, the traced "
+                                         "session for the checks); false, or .bin weights, the traced "
                                          "layout, LoR2C side paths or a tied lm_head: load the whole model")
     progress: bool = True
     layout: str = setting(FUSED_LAYOUT, "graph layout: fused (onnxruntime-genai's fused operators: "
@@ -84,8 +84,9 @@ def run_export(options: ExportOptions) -> Path:
         weights = weights_folder(options.model)
         if weights is not None:
             family = family_for_model_type(weights.config.model_type)
-            model, graph = streamed_skeleton(weights, family)
-            problem = streaming_problem(weights, model, family, graph)
+            with model_files_explained(weights.folder):
+                model, graph = streamed_skeleton(weights, family)
+                problem = streaming_problem(weights, model, family, graph)
             if problem is None:
                 return _export_layer_by_layer(options, weights, model, graph, family, started)
             logger.info("exporting the whole model in memory: %s", problem)

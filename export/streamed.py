@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
@@ -78,7 +77,7 @@ def export_streamed(weights: WeightsFolder, model: nn.Module, graph: DecoderGrap
     section = (weights.manifest or {}).get("quantization") or {}
     builder = FusedBuilder(graph, context_length)
     spilled = SpilledInitializers(folder)
-    pass_ = _Pass(weights, model, family, section, builder)
+    pass_ = _Pass(weights, model, section)
 
     embed = pass_.load(family.embed_tokens, files)
     model_inputs = float32_inputs(capture_first_layer_inputs(model, family, tokens, tokens.shape[0]))
@@ -132,10 +131,8 @@ def export_streamed(weights: WeightsFolder, model: nn.Module, graph: DecoderGrap
 class _Pass:
     """The per-module work of the pass: reading a module and its codes, and the quantized-layer check."""
 
-    def __init__(self, weights: WeightsFolder, model: nn.Module, family: DecoderFamily, section: dict[str, Any],
-                 builder: FusedBuilder) -> None:
-        self.weights, self.model, self.family, self.section = weights, model, family, section
-        self.builder = builder
+    def __init__(self, weights: WeightsFolder, model: nn.Module, section: dict[str, Any]) -> None:
+        self.weights, self.model, self.section = weights, model, section
         self.linears: dict[str, dict[str, Any]] = {}
         self.worst: float | None = None
 
@@ -165,7 +162,3 @@ class _Pass:
             self.worst = max(self.worst or 0.0, error)
         return output
 
-
-def saved_graph(folder: Path) -> onnx.ModelProto:
-    """The written graph without its external data (for tests and the manifest)."""
-    return onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)

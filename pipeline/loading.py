@@ -227,8 +227,9 @@ def folder_generation_config(folder: Path, config: Any) -> Any:
 
 
 def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
-    """`spec` as a WeightsFolder, or None where the weights are not local safetensors (a hub id, a folder of
-    pickled .bin files): callers then load the whole model with `load_model`."""
+    """`spec` as a WeightsFolder, or None where the weights are not local safetensors (a hub id with no
+    safetensors snapshot to be had, a folder of pickled .bin files): callers then load the whole model with
+    `load_model`. A hub id is read from its snapshot in the Hugging Face cache (`hub_snapshot`)."""
     from transformers import AutoConfig
 
     from rotaq.pipeline.tensor_files import TensorFiles
@@ -243,6 +244,8 @@ def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
         source = {}
     elif kind == "folder" and TensorFiles.present(where):
         source = {"kind": "folder", "path": str(Path(where).resolve())}
+    elif kind == "hub" and (snapshot := hub_snapshot(where)) is not None:
+        where, source = snapshot, {"kind": "hub", "id": str(where)}
     else:
         return None
     with model_files_explained(where):
@@ -251,6 +254,27 @@ def weights_folder(spec: str | Path | None) -> WeightsFolder | None:
     source = artifact_source(where, manifest, config.model_type) if manifest is not None else {
         **source, "model_type": config.model_type}
     return WeightsFolder(Path(where), source, config, manifest)
+
+
+# What a layer-streamed stage reads of a hub repository: config, weights and tokenizer files, never a pickle.
+HUB_SNAPSHOT_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model's config, safetensors and tokenizer (downloaded into the Hugging Face
+    cache, or the cached copy when the hub is unreachable), or None where there is none, or it has no
+    safetensors (a .bin-only repository): the caller then loads the whole model, which explains the failure."""
+    from huggingface_hub import snapshot_download
+
+    from rotaq.pipeline.tensor_files import TensorFiles
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(HUB_SNAPSHOT_FILES),
+                                        local_files_only=not _hub_reachable()))
+    except Exception as exc:  # huggingface_hub's errors for unknown, gated, offline or uncached repositories
+        logger.info("no local snapshot of %s: %s", repo_id, first_line(exc))
+        return None
+    return folder if (folder / "config.json").is_file() and TensorFiles.present(folder) else None
 
 
 def _convert_gguf(path: Path, cached: Path) -> None:

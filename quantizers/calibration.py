@@ -42,10 +42,11 @@ def capture_first_layer_inputs(model: nn.Module, family: DecoderFamily, windows:
         raise StopForward
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    device = model.get_input_embeddings().weight.device
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
-                model(input_ids=windows[start:start + batch_size], use_cache=False)
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -64,13 +65,22 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
 
 def float32_inputs(inputs: LayerInputs) -> LayerInputs:
     """The captured layer-0 inputs in float32, so a bf16 model is checked against itself in float32."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.float()
-        return tuple(cast(v) for v in value) if isinstance(value, tuple) else value
+    return _mapped(inputs, lambda tensor: tensor.float() if tensor.is_floating_point() else tensor)
 
-    return LayerInputs([h.float() for h in inputs.hidden_states],
-                       [{key: cast(value) for key, value in kwargs.items()} for kwargs in inputs.layer_kwargs])
+
+def inputs_on(inputs: LayerInputs, device: torch.device) -> LayerInputs:
+    """The captured inputs (hidden states, masks, position embeddings) on `device`."""
+    return _mapped(inputs, lambda tensor: tensor.to(device))
+
+
+def _mapped(inputs: LayerInputs, convert: Callable[[torch.Tensor], torch.Tensor]) -> LayerInputs:
+    def apply(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return convert(value)
+        return tuple(apply(v) for v in value) if isinstance(value, tuple) else value
+
+    return LayerInputs([convert(h) for h in inputs.hidden_states],
+                       [{key: apply(value) for key, value in kwargs.items()} for kwargs in inputs.layer_kwargs])
 
 
 def advanced(inputs: LayerInputs, layer: nn.Module) -> LayerInputs:

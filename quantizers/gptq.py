@@ -34,10 +34,11 @@ class HessianAccumulator:
     re-rounds) what is already there.
     """
 
-    def __init__(self, in_features: int, layer_name: str = "layer", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, layer_name: str = "layer", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         self.layer_name = layer_name
         self.count = 0
-        self._sum = torch.zeros(in_features, in_features, dtype=dtype)
+        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
 
     def add_batch(self, x: Tensor) -> None:
         """Add every row of ``x[..., in]`` (tokens of any batch shape) as one sample."""
@@ -45,7 +46,7 @@ class HessianAccumulator:
             raise RotaqError(
                 f"{self.layer_name}: calibration input width {x.shape[-1]} does not match {self._sum.shape[0]}"
             )
-        rows = x.detach().reshape(-1, x.shape[-1]).to(self._sum.dtype)
+        rows = x.detach().reshape(-1, x.shape[-1]).to(self._sum.device, self._sum.dtype)
         if not torch.isfinite(rows).all():
             raise NonFiniteError(f"{self.layer_name}: calibration input contains NaN or inf")
         self._sum.addmm_(rows.T, rows)
@@ -115,7 +116,7 @@ def gptq_quantize(
         raise RotaqError(f"{layer_name}: damp_percent={damp_percent} must be in (0, 1]")
 
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float().to(w.device).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -130,11 +131,12 @@ def gptq_quantize(
     else:
         # Groups are met in order and take their parameters from the error-updated weights (reference
         # GPTQ); whole groups per block, so those parameters see every update before the group's start.
-        scales = torch.empty(out_features, n_groups)
-        zeros = None if symmetric else torch.empty(out_features, n_groups)
+        scales = torch.empty(out_features, n_groups, device=w.device)
+        zeros = None if symmetric else torch.empty(out_features, n_groups, device=w.device)
         block_size = max(block_size // group, 1) * group
 
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_features)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_features,
+                                                                                             device=w.device)
     hinv = _inverse_hessian_factor(h[perm][:, perm], damp_percent, layer_name)
     group_of = (perm // group).tolist()
 
@@ -142,7 +144,7 @@ def gptq_quantize(
     w_t = w[:, perm].T.contiguous()
     scales_t = scales.T.contiguous()
     zeros_t = None if zeros is None else zeros.T.contiguous()
-    codes_t = torch.empty(in_features, out_features)
+    codes_t = torch.empty(in_features, out_features, device=w.device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         block = w_t[start:end].clone()

@@ -108,7 +108,8 @@ def _quantize_layer_gptq(layer: nn.Module, prefix: str, wrapped: dict[str, Quant
     results: dict[str, QuantizedWeight] = {}
     for group in _sequential_groups(family, settings.true_sequential):
         modules = {path: wrapped[path] for path in group}
-        accumulators = {path: HessianAccumulator(m.in_features, f"{prefix}.{path}") for path, m in modules.items()}
+        accumulators = {path: HessianAccumulator(m.in_features, f"{prefix}.{path}", device=m.weight.device)
+                        for path, m in modules.items()}
 
         def record(path: str, module: QuantizedLinear, hidden_states: torch.Tensor) -> None:
             x = module.matmul_input(hidden_states)

@@ -155,7 +155,7 @@ class QuantizedWeight:
         chunk at a time; the arithmetic is elementwise, so the floats are those of one whole pass."""
         out_features, in_features = self.codes.shape
         if out is None:
-            out = torch.empty(out_features, in_features)  # own storage: safetensors saves it
+            out = torch.empty(out_features, in_features, device=self.codes.device)  # own storage: safetensors saves it
         elif out.shape != self.codes.shape or out.dtype != torch.float32 or not out.is_contiguous():
             raise RotaqError(f"cannot dequantize {tuple(self.codes.shape)} codes into a {out.dtype} "
                              f"{tuple(out.shape)} tensor")
@@ -214,7 +214,7 @@ def quantize_weight_rtn(
     group = group_size or in_features
     w = pad_columns(weight.float(), n_groups * group).reshape(out_features, n_groups, group)
     scale, zero = compute_qparams(w, bits, symmetric, clip_search)
-    codes = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
+    codes = torch.empty(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8, device=w.device)
     for rows in row_chunks(out_features, n_groups * group):
         chunk = quantize_to_codes(w[rows], scale[rows].unsqueeze(-1),
                                   None if zero is None else zero[rows].unsqueeze(-1), bits, symmetric)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from rotaq.pipeline.artifacts import (WEIGHTS_NAME, finish_model_folder, new_manifest, refuse_output_over_input,
                                      staged_folder, write_model_artifact)
+from rotaq.pipeline.devices import CPU, device_problem, torch_device
 from rotaq.pipeline.data import DataSpec, load_split_windows, windows_fingerprint
 from rotaq.pipeline.errors import RotaqError
 from rotaq.pipeline.families import family_for_model_type
@@ -58,8 +59,10 @@ class QuantizeOptions:
     act_order: bool = setting(True, "GPTQ: visit columns in order of decreasing Hessian diagonal")
     layer_by_layer: bool = setting(True, "quantize one decoder layer at a time from the memory-mapped safetensors "
                                          "(peak memory: one layer, the embeddings and GPTQ's calibration inputs); "
-                                         "false, or a hub id, .bin weights, LoR2C side paths or a tied lm_head: "
+                                         "false, or .bin weights, LoR2C side paths or a tied lm_head: "
                                          "load the whole model in float32")
+    device: str = setting(CPU, "where RTN, GPTQ and the calibration forward passes run: cpu, cuda or cuda:N "
+                               "(weights are read and written on the CPU)", check=device_problem)
     calibration: DataSpec = DEFAULT_CALIBRATION
     progress: bool = True
 
@@ -87,10 +90,10 @@ def resolve_scheme(options: QuantizeOptions) -> QuantScheme:
 def codes_tensors(codes: dict[str, QuantizedWeight]) -> dict[str, Any]:
     tensors: dict[str, Any] = {}
     for path, quantized in codes.items():
-        tensors[f"{path}.codes"] = quantized.codes.contiguous()
-        tensors[f"{path}.scales"] = quantized.scales.contiguous()
+        tensors[f"{path}.codes"] = quantized.codes.cpu().contiguous()
+        tensors[f"{path}.scales"] = quantized.scales.cpu().contiguous()
         if quantized.zero_points is not None:
-            tensors[f"{path}.zero_points"] = quantized.zero_points.contiguous()
+            tensors[f"{path}.zero_points"] = quantized.zero_points.cpu().contiguous()
     return tensors
 
 
@@ -99,6 +102,7 @@ def run_quantize(options: QuantizeOptions) -> Path:
     settings = QuantizeSettings(scheme=scheme, weights=options.weights, act_order=options.act_order,
                                 progress=options.progress)
     refuse_output_over_input(options.out, options.model)
+    device = torch_device(options.device)
     if options.layer_by_layer:
         weights = weights_folder(options.model)
         if weights is not None:
@@ -107,14 +111,15 @@ def run_quantize(options: QuantizeOptions) -> Path:
             model = streamable_model(weights.config, family, weights.manifest)
             problem = streaming_problem(model, family, weights.manifest)
             if problem is None:
-                return _quantize_layer_by_layer(options, settings, weights, model, family)
+                return _quantize_layer_by_layer(options, settings, weights, model, family, device)
             logger.info("quantizing the whole model in memory: %s", problem)
     loaded = load_model(options.model)
     _refuse_parent(options.model, loaded.manifest)
     windows = (load_split_windows(options.calibration, loaded.tokenizer, "calibration")
                if settings.weights == "gptq" else None)
     started = time.perf_counter()
-    codes, layer_specs = quantize_model(loaded.model, loaded.family, settings, windows)
+    codes, layer_specs = quantize_model(loaded.model.to(device), loaded.family, settings, windows)
+    loaded.model.cpu()
     manifest = _quantize_manifest(options, settings, loaded.source, loaded.manifest, windows, layer_specs, started)
     tensors = codes_tensors(codes)
     return write_model_artifact(options.out, loaded.model, loaded.tokenizer, manifest,
@@ -122,7 +127,7 @@ def run_quantize(options: QuantizeOptions) -> Path:
 
 
 def _quantize_layer_by_layer(options: QuantizeOptions, settings: QuantizeSettings, weights: WeightsFolder,
-                             model: Any, family: Any) -> Path:
+                             model: Any, family: Any, device: torch.device) -> Path:
     """quantize_streamed into a staged folder: the fake-quant weights (float32) and the codes, layer by layer."""
     tokenizer = weights.tokenizer()
     windows = (load_split_windows(options.calibration, tokenizer, "calibration")
@@ -133,7 +138,7 @@ def _quantize_layer_by_layer(options: QuantizeOptions, settings: QuantizeSetting
     with staged_folder(options.out) as tmp:
         with model_files_explained(weights.folder):
             layer_specs = quantize_streamed(files, model, family, settings, windows, tmp / WEIGHTS_NAME,
-                                            tmp / CODES_NAME, codes_tensors)
+                                            tmp / CODES_NAME, codes_tensors, device)
         manifest = _quantize_manifest(options, settings, weights.source, weights.manifest, windows, layer_specs,
                                       started)
         weights.config.dtype = torch.float32  # what the fake-quant weights are, as the whole-model path writes

@@ -19,7 +19,7 @@ from rotaq.pipeline.progress import progress_bar
 from rotaq.pipeline.streamed_model import empty_model, load_module, release_module, write_module
 from rotaq.pipeline.structure import install_structure
 from rotaq.pipeline.tensor_files import AppendedSafetensorsWriter, StreamedSafetensorsWriter, TensorFiles
-from rotaq.quantizers.calibration import capture_first_layer_inputs
+from rotaq.quantizers.calibration import capture_first_layer_inputs, inputs_on
 from rotaq.quantizers.quantize_model import QuantizeSettings, _quantize_layer, decoder_layer_specs, quantize_head
 from rotaq.quantizers.rtn import QuantizedWeight
 
@@ -37,9 +37,11 @@ def streaming_problem(model: torch.nn.Module, family: DecoderFamily, manifest: d
 @torch.no_grad()
 def quantize_streamed(files: TensorFiles, model: torch.nn.Module, family: DecoderFamily, settings: QuantizeSettings,
                       windows: torch.Tensor | None, weights_path: Path, codes_path: Path,
-                      codes_tensors: Any) -> dict[str, dict]:
+                      codes_tensors: Any, device: torch.device = torch.device("cpu")) -> dict[str, dict]:
     """Write the fake-quant weights to `weights_path` and the codes to `codes_path`; returns the layer specs
-    for the manifest. `model` is the folder's empty model with its structure installed (`streamable_model`)."""
+    for the manifest. `model` is the folder's empty model with its structure installed (`streamable_model`).
+    Each layer is quantized on `device`; GPTQ's layer-0 inputs are captured on the CPU, where the skeleton's
+    buffers are, and move there."""
     scheme = settings.scheme
     layout = {name: (torch.float32 if files.layout(name)[0].is_floating_point else files.layout(name)[0],
                      files.layout(name)[1]) for name in model.state_dict()}
@@ -53,14 +55,14 @@ def quantize_streamed(files: TensorFiles, model: torch.nn.Module, family: Decode
         if settings.weights == "gptq":
             load_module(embed, embed_prefix, files)
             embed.float()
-            inputs = capture_first_layer_inputs(model, family, windows, settings.batch_size)
+            inputs = inputs_on(capture_first_layer_inputs(model, family, windows, settings.batch_size), device)
             release_module(embed)
         layers = decoder_layers(model, family)
         bar = progress_bar(layers, desc=f"quantize {scheme.name} ({settings.weights})", disable=not settings.progress)
         for index, layer in enumerate(bar):
             prefix = f"{family.layers}.{index}."
             load_module(layer, prefix, files)
-            layer.float()
+            layer.to(device).float()
             layer_codes = _quantize_layer(layer, index, layer_specs, inputs, None, settings, family)
             write_module(layer, prefix, weights)
             _write_codes(codes, codes_tensors, {f"{prefix}{path}": quantized for path, quantized in layer_codes.items()})
@@ -71,7 +73,7 @@ def quantize_streamed(files: TensorFiles, model: torch.nn.Module, family: Decode
         write_module(norm.float(), f"{family.final_norm}.", weights)
         for path in (family.embed_tokens, family.lm_head):  # one vocabulary-sized matrix at a time
             load_module(model.get_submodule(path), f"{path}.", files)
-            model.get_submodule(path).float()
+            model.get_submodule(path).to(device).float()
             head_codes: dict[str, QuantizedWeight] = {}
             if scheme.lm_head_bits is not None:
                 quantize_head(model, family, scheme, path, head_codes, specs)

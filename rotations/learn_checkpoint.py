@@ -33,7 +33,7 @@ class RotationCheckpoint:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, weights_only=True)
+            state = torch.load(self.path, weights_only=True, map_location="cpu")  # resumable on another device
         except Exception as exc:  # a truncated or foreign file: torch raises several unrelated types
             raise RotaqError(f"cannot read the rotation checkpoint {self.path} ({type(exc).__name__}); "
                              "remove it to start over") from exc

@@ -302,7 +302,8 @@ def learn_rotations(model: nn.Module, family: DecoderFamily, windows: Tensor, se
     if windows.numel() == 0:
         raise RotaqError("--rotation learned needs calibration text, and the calibration set is empty")
     prepare_for_learning(model, family)
-    rotations = LearnableRotations(start).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    rotations = LearnableRotations(start).to(device)
     optimizer = rotation_optimizer(rotations, settings.lr)
     step, log = 0, {"losses": [], "seconds": 0.0, "resumed_at": None, "stopped": None}
     saved = checkpoint.load() if checkpoint is not None else None
@@ -320,7 +321,7 @@ def learn_rotations(model: nn.Module, family: DecoderFamily, windows: Tensor, se
     try:
         with learning_view(model, family, rotations, settings.scheme, online_specs, settings.weights):
             while step < settings.steps:
-                batch = _batch(windows, order, step, settings.batch_size)
+                batch = _batch(windows, order, step, settings.batch_size).to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 value = float(loss.detach())
                 if not math.isfinite(value):  # R after `step` updates is bad: go back to the one before it

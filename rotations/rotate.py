@@ -210,7 +210,9 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
     (norm folding, the online rotations) is the same for every kind.
     """
     hidden_size = model.get_submodule(family.embed_tokens).weight.shape[1]
-    rotation = residual_rotation_matrix(hidden_size, config) if matrices is None else matrices.residual.double()
+    device = model.get_submodule(family.embed_tokens).weight.device
+    rotation = (residual_rotation_matrix(hidden_size, config) if matrices is None
+                else matrices.residual.double()).to(device)
     if tuple(rotation.shape) != (hidden_size, hidden_size):
         raise RotaqError(f"the residual rotation must be {hidden_size}×{hidden_size}, got {tuple(rotation.shape)}")
     family.check_norm_kind(CANNOT_ROTATE)  # before anything changes: the model stays as it was loaded
@@ -223,7 +225,7 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
     rotate_weight_rows(model.get_submodule(family.embed_tokens), rotation)
     for index, layer in enumerate(decoder_layers(model, family)):
         rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index),
-                             None if heads is None else heads[index].double())
+                             None if heads is None else heads[index].double().to(device))
     rotate_head(model, family, rotation)
     return rotation_section(config, hidden_size, online_specs, heads is not None)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rotaq.pipeline.devices import CPU, device_problem, torch_device
 from rotaq.pipeline.artifacts import (WEIGHTS_NAME, finish_model_folder, new_manifest, refuse_output_over_input,
                                      staged_folder, write_model_artifact)
 from rotaq.pipeline.data import DataSpec
@@ -43,9 +44,12 @@ class RotateOptions:
     online: bool = setting(True, "online Hadamard rotations before o_proj and down_proj")
     check: bool = setting(True, "check that the rotated model's logits match the original's on a 64-token prompt "
                                 "(layer by layer: one more layer in memory; whole model: one model copy)")
-    layer_by_layer: bool = setting(True, "rotate one decoder layer at a time from the memory-mapped safetensors, "
-                                         "keeping their dtype (bf16 stays bf16); false, or a hub id, .bin weights "
-                                         "or a learned rotation: load the whole model in float32")
+    layer_by_layer: bool = setting(True, "rotate one decoder layer at a time from the memory-mapped safetensors "
+                                         "(a hub id's: its snapshot in the Hugging Face cache), keeping their dtype "
+                                         "(bf16 stays bf16); false, or .bin weights or a learned rotation: load the "
+                                         "whole model in float32")
+    device: str = setting(CPU, "where the rotation, its check and a learned rotation's training run: cpu, cuda "
+                               "or cuda:N (weights are read and written on the CPU)", check=device_problem)
     # rotation: learned only (rotations/learned.py)
     steps: int = setting(100, "learned: Cayley SGD steps on the calibration split", minimum=1)
     scheme: str = setting("w4a4", "learned: the scheme whose fake quantization the rotation is learned for (one "
@@ -76,13 +80,14 @@ def run_rotate(options: RotateOptions) -> Path:
     if config.kind == "learned":
         learn_settings(options)  # a bad scheme or step count fails before the model is loaded
     refuse_output_over_input(options.out, options.model)
+    device = torch_device(options.device)
     if options.layer_by_layer and config.kind != "learned":
         weights = weights_folder(options.model)
         if weights is not None and not (weights.manifest or {}).get("quantization"):
-            return _rotate_layer_by_layer(options, config, weights)
+            return _rotate_layer_by_layer(options, config, weights, device)
     loaded = load_model(options.model)
     _refuse_parent(options.model, loaded.manifest)
-    model = loaded.model
+    model = loaded.model.to(device)
     reference = copy.deepcopy(model) if options.check else None
     logger.info("rotating %s (%s, seed %d)", loaded.source.get("name") or options.model, config.kind, config.seed)
     learned = learn_for_stage(options, loaded, config) if config.kind == "learned" else None
@@ -90,19 +95,20 @@ def run_rotate(options: RotateOptions) -> Path:
     if learned is not None:
         rotation_section["learned"] = learned.summary
     if reference is not None:
-        tokens = _check_tokens(model.config.vocab_size, options.seed)
+        tokens = _check_tokens(model.config.vocab_size, options.seed).to(device)
         with torch.inference_mode():
             error = max_relative_error(model(input_ids=tokens).logits, reference(input_ids=tokens).logits)
         rotation_section["check"] = {"tokens": CHECK_TOKENS, "max_relative_logit_error": error}
         _refuse_changed_logits(error, next(model.parameters()).dtype)
-    written = write_model_artifact(options.out, model, loaded.tokenizer,
+    written = write_model_artifact(options.out, model.cpu(), loaded.tokenizer,
                                    _rotate_manifest(options, loaded.source, loaded.manifest, rotation_section))
     if learned is not None:
         learned.checkpoint.remove()
     return written
 
 
-def _rotate_layer_by_layer(options: RotateOptions, config: RotationConfig, weights: WeightsFolder) -> Path:
+def _rotate_layer_by_layer(options: RotateOptions, config: RotationConfig, weights: WeightsFolder,
+                           device: torch.device) -> Path:
     """The rotation read from and written to safetensors one decoder layer at a time (rotations/streamed.py)."""
     _refuse_parent(options.model, weights.manifest)
     family = family_for_model_type(weights.config.model_type)
@@ -115,7 +121,7 @@ def _rotate_layer_by_layer(options: RotateOptions, config: RotationConfig, weigh
     with staged_folder(options.out) as tmp:
         with model_files_explained(weights.folder):
             section = rotate_streamed(files, weights.config, family, config, tmp / WEIGHTS_NAME, tokens,
-                                      progress=options.progress)
+                                      progress=options.progress, device=device)
         if "check" in section:
             _refuse_changed_logits(section["check"]["max_relative_logit_error"],
                                    files.layout(f"{family.embed_tokens}.weight")[0])

@@ -25,7 +25,8 @@ from rotaq.pipeline.families import DecoderFamily, check_family_layout, decoder_
 from rotaq.pipeline.progress import progress_bar
 from rotaq.pipeline.streamed_model import empty_model, load_module, release_module, write_module
 from rotaq.pipeline.tensor_files import StreamedSafetensorsWriter, TensorFiles
-from rotaq.quantizers.calibration import LayerInputs, advanced, capture_first_layer_inputs, float32_inputs
+from rotaq.quantizers.calibration import (LayerInputs, advanced, capture_first_layer_inputs, float32_inputs,
+                                         inputs_on)
 from rotaq.rotations.rotate import (CANNOT_ROTATE, RotationConfig, layer_online_specs, online_rotation_specs,
                                     residual_rotation_matrix, rotate_decoder_layer, rotate_head,
                                     max_relative_error, rotate_weight_rows, rotation_section)
@@ -63,16 +64,18 @@ def output_layout(files: TensorFiles, model: nn.Module, family: DecoderFamily) -
 
 @torch.no_grad()
 def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, config: RotationConfig,
-                    weights_path: Path, check_tokens: torch.Tensor | None, progress: bool = False) -> dict[str, Any]:
+                    weights_path: Path, check_tokens: torch.Tensor | None, progress: bool = False,
+                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """Write the rotated weights of the model in `files` to `weights_path`; returns the manifest's rotation
-    section, with the check's logit error when `check_tokens` is given."""
+    section, with the check's logit error when `check_tokens` is given. Each module is rotated (and checked)
+    on `device`; the check's first-layer inputs are captured on the CPU, where the skeleton's buffers are."""
     model = empty_model(hf_config)
     check_family_layout(model, family)
     family.check_norm_kind(CANNOT_ROTATE)
     if problem := streaming_problem(files, model, family):
         raise RotaqError(f"cannot rotate this model layer by layer: {problem}")
     hidden_size = model.get_submodule(family.embed_tokens).weight.shape[1]
-    rotation = residual_rotation_matrix(hidden_size, config)
+    rotation = residual_rotation_matrix(hidden_size, config).to(device)
     online_specs = online_rotation_specs(model, family, config) if config.online else {}
     tied = _is_tied(model, family)
     embed_prefix, head_prefix = f"{family.embed_tokens}.", f"{family.lm_head}."
@@ -81,17 +84,17 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
     with StreamedSafetensorsWriter(weights_path, output_layout(files, model, family), {"format": "pt"}) as writer:
         embed = model.get_submodule(family.embed_tokens)
         load_module(embed, embed_prefix, files)
-        original = float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
-            if check_tokens is not None else None
-        rotate_weight_rows(embed, rotation)
-        rotated = float32_inputs(capture_first_layer_inputs(model, family, check_tokens, 1)) \
-            if check_tokens is not None else None
+        original = _check_inputs(model, family, check_tokens, device)
+        rotate_weight_rows(embed.to(device), rotation)
+        embed.cpu()  # the skeleton's forward (its rotary buffers) runs on the CPU
+        rotated = _check_inputs(model, family, check_tokens, device)
         write_module(embed, embed_prefix, writer)
         release_module(embed)
 
         for index, layer in enumerate(progress_bar(layers, desc="rotate", unit="layer", disable=not progress)):
             prefix = f"{family.layers}.{index}."
             load_module(layer, prefix, files)
+            layer.to(device)
             if original is not None:
                 original = advanced(original, copy.deepcopy(layer).float())
             rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index))
@@ -103,6 +106,7 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
         norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
         load_module(norm, f"{family.final_norm}.", files)
         load_module(head, head_prefix, files, {f"{head_prefix}weight": f"{embed_prefix}weight"} if tied else None)
+        norm.to(device), head.to(device)
         expected = _logits(norm, head, original) if original is not None else None
         rotate_head(model, family, rotation)
         write_module(norm, f"{family.final_norm}.", writer)
@@ -114,6 +118,14 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
         section["check"] = {"tokens": int(check_tokens.shape[-1]), "layer_by_layer": True,
                             "max_relative_logit_error": max_relative_error(actual, expected)}
     return section
+
+
+def _check_inputs(model: nn.Module, family: DecoderFamily, tokens: torch.Tensor | None,
+                  device: torch.device) -> LayerInputs | None:
+    """The check's float32 layer-0 inputs on `device`, captured on the CPU, where the skeleton's buffers are."""
+    if tokens is None:
+        return None
+    return inputs_on(float32_inputs(capture_first_layer_inputs(model, family, tokens, 1)), device)
 
 
 def _logits(norm: nn.Module, head: nn.Module, inputs: LayerInputs, rows_at_once: int = 8192) -> torch.Tensor:

@@ -44,7 +44,7 @@ STAGE_OPTIONS = (
                  ("model", "out", "data", "seq_len")),
     StageOptions("quantize", "rotaq.quantizers.stage", "QuantizeOptions", "run_quantize", ("quantize",),
                  ("model", "out", "calibration", "progress")),
-    StageOptions("export", "rotaq.export.stage", "ExportOptions", "run_export", None, ("model", "out")),
+    StageOptions("export", "rotaq.export.stage", "ExportOptions", "run_export", None, ("model", "out", "progress")),
     StageOptions("bench", "rotaq.export.bench", "BenchOptions", "run_bench", None,
                  ("models", "out", "reference", "evaluation", "progress", "extra_fields")),
     StageOptions("evaluate", "rotaq.eval.commands", "EvalOptions", "run_eval", ("eval",),

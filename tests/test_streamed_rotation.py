@@ -112,3 +112,22 @@ def test_a_learned_rotation_loads_the_whole_model(tmp_path: Path, monkeypatch: p
     source = save_hf_folder(tiny_model("llama-untied"), tmp_path / "source")
     with pytest.raises(RuntimeError, match="whole model"):
         run_rotate(RotateOptions(model=str(source), out=tmp_path / "rotated", rotation="learned", progress=False))
+
+
+def test_a_hub_id_is_rotated_layer_by_layer_from_its_cached_snapshot(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id's safetensors snapshot (here a cached one, the hub unreachable) streams like a local folder."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    snapshot = save_hf_folder(tiny_model("llama-untied", num_hidden_layers=2), repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("rotaq.pipeline.loading._hub_reachable", lambda: False)
+    local = run_rotate(RotateOptions(model=str(snapshot), out=tmp_path / "local", progress=False))
+    monkeypatch.setattr("rotaq.rotations.stage.load_model", lambda *a, **k: pytest.fail("loaded the whole model"))
+    hub = run_rotate(RotateOptions(model="someorg/tiny", out=tmp_path / "hub-rotated", progress=False))
+    assert (hub / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
+    assert json.loads((hub / "rotaq.json").read_text())["source"] == {"kind": "hub", "id": "someorg/tiny",
+                                                                      "model_type": "llama"}

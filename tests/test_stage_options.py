@@ -58,7 +58,7 @@ sections are generated, and this set may only shrink."""
 CONFIG_KEYS = {("finetune", "qat_act_clip_ratio"): ("quantize.act_clip_ratio", ("finetune.qat=w4a4",)),
                ("quantize", "scheme"): ("quantize.schemes", ())}
 # Values that cannot be derived from the type and constraints alone.
-SAMPLES = {"targets": "q_proj,v_proj", "qat": "w8a8", "scheme": "w8a8"}
+SAMPLES = {"targets": "q_proj,v_proj", "qat": "w8a8", "scheme": "w8a8", "device": "cuda"}
 
 
 def options_class(entry: StageOptions) -> type:

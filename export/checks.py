@@ -110,19 +110,15 @@ def check_onnx_file(path: Path) -> None:
         raise RotaqError(f"onnx.checker rejects {path.name}: {str(exc).splitlines()[0]}") from exc
 
 
-def check_runtime(decoder: OnnxDecoder, graph: DecoderGraph | torch.Tensor, input_ids: torch.Tensor,
-                  decode_steps: int, quantized: bool | None = None) -> dict[str, dict[str, Any]]:
-    """ORT prefill vs the PyTorch export forward (`graph`, or its prefill logits of `input_ids` computed
-    already), and prefill + `decode_steps` cached single-token steps vs one long ORT prefill; enforced
-    (< 1e-4) for float graphs."""
+def check_runtime(decoder: OnnxDecoder, expected: torch.Tensor, input_ids: torch.Tensor, decode_steps: int,
+                  quantized: bool) -> dict[str, dict[str, Any]]:
+    """ORT prefill vs the PyTorch export forward's prefill logits of `input_ids` (`expected`), and prefill +
+    `decode_steps` cached single-token steps vs one long ORT prefill; enforced (< 1e-4) for float graphs."""
     tokens = input_ids.numpy()
     runtime_logits = decoder.logits(tokens)
-    expected = graph if isinstance(graph, torch.Tensor) else graph_prefill_logits(graph, input_ids)
     comparisons = {"ort_vs_torch": compare_logits(runtime_logits, expected),
                    "decode_vs_prefill": compare_logits(decode_logits(decoder, tokens, decode_steps),
                                                        runtime_logits[:, -decode_steps:])}
-    if quantized is None:
-        quantized = bool(graph.quantized_linears())
     if not quantized:
         for name, comparison in comparisons.items():
             _require(name, comparison["max_rel_error"], RUNTIME_TOLERANCE)

@@ -21,7 +21,7 @@ import torch
 import onnx
 
 from rotaq.export.checks import (check_graph_matches_model, check_onnx_file, check_quantized_layers, check_runtime,
-                                 compare_graph_logits, graph_greedy_ids)
+                                 compare_graph_logits, graph_greedy_ids, graph_prefill_logits)
 from rotaq.export.generate import SamplingOptions, generate_ids
 from rotaq.export.fused_graph import FUSED_LAYOUT, LAYOUTS, TRACED_LAYOUT, build_fused_model, fused_layout_problem
 from rotaq.export.genai_folder import check_genai_loads, genai_available, genai_config, write_genai_config
@@ -101,7 +101,8 @@ def run_export(options: ExportOptions) -> Path:
         check_onnx_file(tmp / GRAPH_NAME)
         if quantized:
             checks["quantized_layers_max_rel_error"] = check_quantized_layers(graph, tokens)
-        checks.update(check_runtime(OnnxDecoder(tmp), graph, tokens, options.decode_steps))
+        checks.update(check_runtime(OnnxDecoder(tmp), graph_prefill_logits(graph, tokens), tokens,
+                                    options.decode_steps, quantized))
         if len(graph.side_paths):
             manifest["side_paths"] = {**side_path_flops(graph), "profile": profiled_share(tmp)}
         _finish_export(tmp, loaded, manifest, checks, tokens, started,

@@ -332,20 +332,34 @@ class FusedBuilder:
         return output
 
     def _online_rotation(self, b: NodeBuilder, rotation: OnlineRotation, x: str, suffix: str) -> str:
-        """x · R: a Kronecker-factored Hadamard as Aᵀ·X·B with 1/√n folded into A and B, or a dense MatMul."""
+        """x · R: a Kronecker-factored Hadamard as Aᵀ·X·B with 1/√n folded into A and B, a block-diagonal one
+        as one MatMul of the [n / block, block]-shaped input by H_block/√block, or a dense MatMul."""
         factors = [f.double().numpy() for f in rotation.factor_tensors()]
         if not factors:
             return b.node("MatMul", [x, b.constant(f"{suffix}.dense", _array(rotation.dense))], suffix)
+        n = rotation.width
+        if rotation.block < n:
+            # One block's matrix is at most a few hundred wide: one dense MatMul costs less than a second node.
+            block = (_kron(factors) / math.sqrt(rotation.block)).astype(np.float32)
+            return self._grid_product(b, x, suffix, rotation.block, n, [("right_product", block, False)])
         left, right = two_factor_hadamard(factors)
-        a, n = left.shape[0], rotation.width
+        a = left.shape[0]
         right = (right / math.sqrt(right.shape[0])).astype(np.float32)
         if a == 1:
             return b.node("MatMul", [x, b.constant(f"{suffix}.matrix", right)], suffix)
         left_t = (left.T / math.sqrt(a)).astype(np.float32)
-        grid = b.node("Reshape", [x, b.constant(f"{suffix}.grid_shape", np.array([0, 0, a, n // a], np.int64))], f"{suffix}.grid")
-        along_b = b.node("MatMul", [grid, b.constant(f"{suffix}.right", right)], f"{suffix}.right_product")
-        along_a = b.node("MatMul", [b.constant(f"{suffix}.left_t", left_t), along_b], f"{suffix}.left_product")
-        return b.node("Reshape", [along_a, b.constant(f"{suffix}.flat_shape", np.array([0, 0, n], np.int64))], suffix)
+        return self._grid_product(b, x, suffix, n // a, n, [("right_product", right, False), ("left_product", left_t, True)])
+
+    def _grid_product(self, b: NodeBuilder, x: str, suffix: str, columns: int, n: int,
+                      products: list[tuple[str, np.ndarray, bool]]) -> str:
+        """x [B, S, n] viewed as [B, S, n / columns, columns], multiplied by each matrix (on the left when its
+        flag says so), and flattened back."""
+        grid = b.node("Reshape", [x, b.constant(f"{suffix}.grid_shape", np.array([0, 0, n // columns, columns], np.int64))],
+                      f"{suffix}.grid")
+        for name, matrix, on_left in products:
+            constant = b.constant(f"{suffix}.{name.removesuffix('_product')}{'_t' if on_left else ''}", matrix)
+            grid = b.node("MatMul", [constant, grid] if on_left else [grid, constant], f"{suffix}.{name}")
+        return b.node("Reshape", [grid, b.constant(f"{suffix}.flat_shape", np.array([0, 0, n], np.int64))], suffix)
 
     # --- model --------------------------------------------------------------------------------------
 

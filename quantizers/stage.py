@@ -53,7 +53,7 @@ class QuantizeOptions:
                                          "MatMulNBits pads K)")
     act_block_size: int | None = setting(None, "int8 activations per block of N along K, as ONNX Runtime's "
                                                "MatMulNBits accuracy_level 4 computes them (null: the scheme's, "
-                                               "w4a8 32, w8a8 64); 0: per token", minimum=0)
+                                               "w4a8 128, w8a8 64); 0: per token", minimum=0)
     kv_bits: int | None = setting(None, "also quantize the KV cache (k_proj/v_proj outputs per token and head, "
                                         "symmetric) to 4 or 8 bits; null: a float cache", choices=lambda: (4, 8))
     act_order: bool = setting(True, "GPTQ: visit columns in order of decreasing Hessian diagonal")

@@ -15,6 +15,7 @@ from rotaq.pipeline.families import DecoderFamily, decoder_layers
 from rotaq.rotations.rotate import (
     RotationConfig,
     RotationMatrices,
+    head_rotation_matrix,
     online_rotation_specs,
     start_matrix,
 )
@@ -49,16 +50,19 @@ def learn_settings(options: RotateOptions) -> LearnSettings:
                          progress=options.progress)
 
 
-def start_rotations(model: nn.Module, family: DecoderFamily, seed: int, learn_heads: bool) -> RotationMatrices:
+def start_rotations(model: nn.Module, family: DecoderFamily, config: RotationConfig,
+                    learn_heads: bool) -> RotationMatrices:
     """The fixed rotation itself: the randomized Hadamard R1 (a random orthogonal one, with a warning, for a width
-    without a Hadamard matrix) and R2 = I. The fixed rotation has no R2: its online Hadamard before o_proj spans
-    every head already, and a Hadamard R2 in front of it would undo its mixing inside each head (H·H = n·I)."""
-    residual = start_matrix(model.get_submodule(family.embed_tokens).weight.shape[1], seed)
+    without a Hadamard matrix) and, when the R2s are learned, the fixed R2 (`o_proj_rotation: head`) or R2 = I
+    (online): an online Hadamard before o_proj spans every head already, and a Hadamard R2 in front of it would
+    undo its mixing inside each head (H·H = n·I). Without learned R2s, `rotate_model` folds the fixed one."""
+    residual = start_matrix(model.get_submodule(family.embed_tokens).weight.shape[1], config.seed)
     if not learn_heads:
         return RotationMatrices(residual)
     head_dim = family.head_dim(model.config)
-    identity = torch.eye(head_dim, dtype=torch.float64)
-    return RotationMatrices(residual, [identity.clone() for _ in decoder_layers(model, family)])
+    start = head_rotation_matrix(head_dim, config)
+    start = torch.eye(head_dim, dtype=torch.float64) if start is None else start.double()
+    return RotationMatrices(residual, [start.clone() for _ in decoder_layers(model, family)])
 
 
 def checkpoint_path(options: RotateOptions) -> Path:
@@ -74,9 +78,10 @@ def learn_for_stage(options: RotateOptions, loaded: LoadedModel, config: Rotatio
     windows = load_split_windows(options.calibration, loaded.tokenizer, "calibration")
     model, family = loaded.model, loaded.family
     trajectory = {**settings.trajectory(), "model": str(options.model), "online": options.online,
+                  "o_proj_rotation": config.o_proj_rotation,
                   "calibration_sha256": windows_fingerprint(windows), "seq_len": int(windows.shape[1])}
     checkpoint = RotationCheckpoint(checkpoint_path(options), trajectory)
-    start = start_rotations(model, family, options.seed, settings.learn_heads)
+    start = start_rotations(model, family, config, settings.learn_heads)
     online = online_rotation_specs(model, family, config) if config.online else {}
     result = learn_rotations(model, family, windows, settings, start, online, checkpoint)
     log = result.log

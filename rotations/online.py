@@ -16,24 +16,31 @@ from torch.nn import functional as F
 from rotaq.rotations.hadamard import apply_hadamard, hadamard_factors, has_hadamard, random_orthogonal_matrix
 
 
-def online_rotation_spec(width: int, kind: str, seed: int) -> dict[str, Any]:
+def online_rotation_spec(width: int, kind: str, seed: int, block: int | None = None) -> dict[str, Any]:
     """How to rebuild an online rotation: Kronecker-factored Hadamard when one exists, else a seeded
-    dense random orthogonal matrix (only with `--rotation random`)."""
+    dense random orthogonal matrix (only with `--rotation random`). With `block` (a divisor of `width`
+    with a Hadamard matrix), the Hadamard is block-diagonal: one H_block on every `block` consecutive
+    channels, what per-block int8 activations need and one MatMul in the graph instead of two."""
     if kind == "hadamard" or has_hadamard(width):
+        if block is not None and block < width and width % block == 0 and has_hadamard(block):
+            return {"kind": "hadamard", "width": width, "block": block,
+                    "factors": [int(f.shape[0]) for f in hadamard_factors(block)]}
         factors = hadamard_factors(width)  # raises NoHadamardError with advice when there is none
         return {"kind": "hadamard", "width": width, "factors": [int(f.shape[0]) for f in factors]}
     return {"kind": "random", "width": width, "seed": seed}
 
 
 class OnlineRotation(nn.Module):
-    """x ↦ x · R along the last dimension, R orthonormal (rows: tokens, row-vector convention)."""
+    """x ↦ x · R along the last dimension, R orthonormal (rows: tokens, row-vector convention); R is a
+    Hadamard of order `width`, the block-diagonal I ⊗ H of order `block`, or a dense random matrix."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         self.spec = dict(spec)
         self.width = int(spec["width"])
+        self.block = int(spec.get("block", self.width))  # folders written before blocks rotate whole widths
         if spec["kind"] == "hadamard":
-            factors = hadamard_factors(self.width)  # fresh copies, safe to keep
+            factors = hadamard_factors(self.block)  # fresh copies, safe to keep
             for index, factor in enumerate(factors):
                 self.register_buffer(f"factor_{index}", factor.float(), persistent=False)
             self.factor_count = len(factors)
@@ -43,6 +50,7 @@ class OnlineRotation(nn.Module):
             self.factor_count = 0
 
     def factor_tensors(self) -> list[torch.Tensor]:
+        """The ±1 Kronecker factors of one block's Hadamard (of the whole width without blocks)."""
         return [getattr(self, f"factor_{i}") for i in range(self.factor_count)]
 
     def matrix(self) -> torch.Tensor:
@@ -51,13 +59,17 @@ class OnlineRotation(nn.Module):
             dense = torch.ones(1, 1, dtype=torch.float64)
             for factor in self.factor_tensors():
                 dense = torch.kron(dense, factor.double())
-            return dense / math.sqrt(self.width)
+            dense = dense / math.sqrt(self.block)
+            return torch.block_diag(*[dense] * (self.width // self.block)) if self.block < self.width else dense
         return random_orthogonal_matrix(self.width, int(self.spec["seed"]))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.factor_count:
-            return apply_hadamard(hidden_states, self.factor_tensors())
-        return hidden_states @ self.dense.to(hidden_states.dtype)
+        if not self.factor_count:
+            return hidden_states @ self.dense.to(hidden_states.dtype)
+        if self.block < self.width:
+            blocks = hidden_states.unflatten(-1, (-1, self.block))
+            return apply_hadamard(blocks, self.factor_tensors()).flatten(-2)
+        return apply_hadamard(hidden_states, self.factor_tensors())
 
     def extra_repr(self) -> str:
         return f"{self.spec}"

@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 
 # "learned" starts from the randomized Hadamard and learns it (rotations/learned.py); the fold is the same.
 ROTATION_KINDS = ("hadamard", "random", "learned")
+# How o_proj's input (heads × head_dim) is rotated. "head": QuaRot's and SpinQuant's R2, one head_dim Hadamard
+# applied to every value head, folded offline into v_proj's rows and o_proj's columns, so nothing runs for it
+# at inference; "online": a Hadamard over the whole input before o_proj (two MatMuls, two Reshapes per layer).
+HEAD_ROTATION, ONLINE_ROTATION = "head", "online"
+O_PROJ_ROTATIONS = (HEAD_ROTATION, ONLINE_ROTATION)
+# The online Hadamards are block-diagonal in blocks of 128 (the A8 schemes' activation block): one MatMul per
+# layer in the graph instead of a 12×12 and a 128×128 one. Measured with head R2 (SmolLM2-135M, GPTQ, 16 held-out
+# windows of 512; docs/rotation.md): W4A8 perplexity 28.93 against 29.12 with the whole-width down_proj
+# Hadamard and 29.21 with both whole-width online rotations of before.
+DEFAULT_ONLINE_BLOCK = 128
+_HEAD_SEED_OFFSET = 3  # the online rotations' random matrices use seed + 1 and seed + 2
 CANNOT_ROTATE = "it cannot rotate this model (in `rotaq run`, rotate.enabled: false quantizes it unrotated)"
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at once, to bound float64 memory
 
@@ -41,11 +52,27 @@ class RotationMatrices:
 class RotationConfig:
     kind: str = "hadamard"
     seed: int = 0
-    online: bool = True
+    online: bool = True  # the online Hadamard before down_proj, and before o_proj when o_proj_rotation is online
+    # None: the defaults above, or for a learned rotation online and the whole width, as its tables were measured
+    # (its R2 is learned from I on top of the online o_proj Hadamard).
+    o_proj_rotation: str | None = None
+    # Block-diagonal online Hadamards of this order where it divides the width and has a Hadamard matrix; 0:
+    # over the whole width.
+    online_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ROTATION_KINDS:
             raise RotaqError(f"unknown rotation '{self.kind}'; choose one of {', '.join(ROTATION_KINDS)}")
+        learned = self.kind == "learned"
+        if self.o_proj_rotation is None:
+            object.__setattr__(self, "o_proj_rotation", ONLINE_ROTATION if learned else HEAD_ROTATION)
+        if self.online_block is None:
+            object.__setattr__(self, "online_block", 0 if learned else DEFAULT_ONLINE_BLOCK)
+        if self.online_block < 0:
+            raise RotaqError(f"online_block={self.online_block} must be a block order, or 0 for the whole width")
+        if self.o_proj_rotation not in O_PROJ_ROTATIONS:
+            raise RotaqError(f"unknown o_proj rotation '{self.o_proj_rotation}'; choose one of "
+                             f"{', '.join(O_PROJ_ROTATIONS)}")
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -139,6 +166,15 @@ def start_matrix(width: int, seed: int) -> torch.Tensor:
     return random_orthogonal_matrix(width, seed)
 
 
+def head_rotation_matrix(head_dim: int, config: RotationConfig) -> torch.Tensor | None:
+    """The fixed R2 of `o_proj_rotation: head` (a randomized Hadamard of order head_dim, or a seeded random
+    orthogonal matrix for `--rotation random` or a head_dim without a Hadamard), None without one."""
+    if config.o_proj_rotation != HEAD_ROTATION:
+        return None
+    seed = config.seed + _HEAD_SEED_OFFSET
+    return random_orthogonal_matrix(head_dim, seed) if config.kind == "random" else start_matrix(head_dim, seed)
+
+
 def rotate_head_rows(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """R2ᵀ·W_h for every head block of rows (heads · head_dim × in): the layer's output per head becomes v_h·R2.
     Shared by the fold and by the learning, so both compute the same weights."""
@@ -183,15 +219,19 @@ def install_online_rotation(model: nn.Module, path: str, spec: dict[str, Any], f
 def online_rotation_specs(model: nn.Module, family: DecoderFamily, config: RotationConfig) -> dict[str, dict]:
     """Spec of every online rotation, checked before any weight changes so a bad width loses nothing.
 
-    The o_proj rotation spans its whole input (heads × head_dim): head counts like 9 or 14 have no
-    Hadamard matrix of their own, but their product with head_dim usually has one.
+    An online o_proj rotation spans its whole input (heads × head_dim): head counts like 9 or 14 have no
+    Hadamard matrix of their own, but their product with head_dim usually has one. With `o_proj_rotation:
+    head` o_proj has none (its R2 is folded offline), so only down_proj's runs online.
     """
     specs: dict[str, dict] = {}
     for index, layer in enumerate(decoder_layers(model, family)):
         prefix = f"{family.layers}.{index}"
         for offset, local_path in enumerate((family.attention_output, family.mlp_output)):
+            if local_path == family.attention_output and config.o_proj_rotation == HEAD_ROTATION:
+                continue
             width = layer.get_submodule(local_path).in_features
-            specs[f"{prefix}.{local_path}"] = online_rotation_spec(width, config.kind, config.seed + 1 + offset)
+            specs[f"{prefix}.{local_path}"] = online_rotation_spec(width, config.kind, config.seed + 1 + offset,
+                                                                   config.online_block or None)
     return specs
 
 
@@ -217,6 +257,8 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
         raise RotaqError(f"the residual rotation must be {hidden_size}×{hidden_size}, got {tuple(rotation.shape)}")
     family.check_norm_kind(CANNOT_ROTATE)  # before anything changes: the model stays as it was loaded
     heads = None if matrices is None else matrices.heads
+    if heads is None and (fixed := head_rotation_matrix(family.head_dim(model.config), config)) is not None:
+        heads = [fixed] * len(decoder_layers(model, family))
     if heads is not None:
         check_head_rotations(model, family, heads)
     online_specs = online_rotation_specs(model, family, config) if config.online else {}
@@ -233,7 +275,8 @@ def rotate_model(model: nn.Module, family: DecoderFamily, config: RotationConfig
 def rotation_section(config: RotationConfig, hidden_size: int, online_specs: dict[str, dict],
                      head_rotations: bool) -> dict[str, Any]:
     """The manifest section that lets a loader rebuild a rotated model's structure."""
-    section = {"kind": config.kind, "seed": config.seed, "residual_width": hidden_size, "online": online_specs}
+    section = {"kind": config.kind, "seed": config.seed, "residual_width": hidden_size,
+               "o_proj_rotation": config.o_proj_rotation, "online_block": config.online_block, "online": online_specs}
     return {**section, "head_rotations": True} if head_rotations else section
 
 

@@ -21,7 +21,8 @@ from rotaq.quantizers.schemes import clip_ratio_problem, scheme_problem
 from rotaq.rotations.learn_stage import LEARN_CALIBRATION, learn_for_stage, learn_settings
 from rotaq.rotations.learned import DEFAULT_LR, LEARN_WEIGHT_MODES
 from rotaq.pipeline.tensor_files import TensorFiles
-from rotaq.rotations.rotate import ROTATION_KINDS, RotationConfig, max_relative_error, rotate_model, untie_config
+from rotaq.rotations.rotate import (O_PROJ_ROTATIONS, ROTATION_KINDS, RotationConfig, max_relative_error,
+                                    rotate_model, untie_config)
 from rotaq.rotations.streamed import rotate_streamed
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,15 @@ class RotateOptions:
                                         "Hadamard matrix), or learned (R1 and per-head R2 trained from the "
                                         "Hadamard for `scheme`)", choices=lambda: ROTATION_KINDS, old_names=("kind",))
     seed: int = setting(0, "seed of the random signs (hadamard) or of the random orthogonal matrix")
-    online: bool = setting(True, "online Hadamard rotations before o_proj and down_proj")
+    online: bool = setting(True, "online Hadamard rotation before down_proj (and before o_proj with "
+                                 "o_proj_rotation online)")
+    o_proj_rotation: str | None = setting(
+        None, "how o_proj's input is rotated: head (a Hadamard per value head folded into v_proj and o_proj, "
+              "nothing at run time) or online (a Hadamard across all heads before o_proj); null: head, or online "
+              "for a learned rotation, whose R2 is learned on top of it", choices=lambda: O_PROJ_ROTATIONS)
+    online_block: int | None = setting(
+        None, "online Hadamards block-diagonal in blocks of N channels where N divides the width (one MatMul in "
+              "the graph); 0: over the whole width; null: 128, or 0 for a learned rotation", minimum=0)
     check: bool = setting(True, "check that the rotated model's logits match the original's on a 64-token prompt "
                                 "(layer by layer: one more layer in memory; whole model: one model copy)")
     layer_by_layer: bool = setting(True, "rotate one decoder layer at a time from the memory-mapped safetensors "
@@ -75,8 +84,13 @@ def _check_tokens(vocab_size: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, CHECK_TOKENS), generator=generator)
 
 
+def rotation_config(options: RotateOptions) -> RotationConfig:
+    return RotationConfig(kind=options.rotation, seed=options.seed, online=options.online,
+                          o_proj_rotation=options.o_proj_rotation, online_block=options.online_block)
+
+
 def run_rotate(options: RotateOptions) -> Path:
-    config = RotationConfig(kind=options.rotation, seed=options.seed, online=options.online)
+    config = rotation_config(options)
     if config.kind == "learned":
         learn_settings(options)  # a bad scheme or step count fails before the model is loaded
     refuse_output_over_input(options.out, options.model)

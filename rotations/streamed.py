@@ -27,9 +27,9 @@ from rotaq.pipeline.streamed_model import empty_model, load_module, release_modu
 from rotaq.pipeline.tensor_files import StreamedSafetensorsWriter, TensorFiles
 from rotaq.quantizers.calibration import (LayerInputs, advanced, capture_first_layer_inputs, float32_inputs,
                                          inputs_on)
-from rotaq.rotations.rotate import (CANNOT_ROTATE, RotationConfig, layer_online_specs, online_rotation_specs,
-                                    residual_rotation_matrix, rotate_decoder_layer, rotate_head,
-                                    max_relative_error, rotate_weight_rows, rotation_section)
+from rotaq.rotations.rotate import (CANNOT_ROTATE, RotationConfig, head_rotation_matrix, layer_online_specs,
+                                    max_relative_error, online_rotation_specs, residual_rotation_matrix,
+                                    rotate_decoder_layer, rotate_head, rotate_weight_rows, rotation_section)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
     hidden_size = model.get_submodule(family.embed_tokens).weight.shape[1]
     rotation = residual_rotation_matrix(hidden_size, config).to(device)
     online_specs = online_rotation_specs(model, family, config) if config.online else {}
+    head_rotation = head_rotation_matrix(family.head_dim(model.config), config)
+    if head_rotation is not None:
+        head_rotation = head_rotation.to(device)
     tied = _is_tied(model, family)
     embed_prefix, head_prefix = f"{family.embed_tokens}.", f"{family.lm_head}."
     layers = decoder_layers(model, family)
@@ -97,7 +100,7 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
             layer.to(device)
             if original is not None:
                 original = advanced(original, copy.deepcopy(layer).float())
-            rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index))
+            rotate_decoder_layer(layer, family, rotation, layer_online_specs(online_specs, family, index), head_rotation)
             write_module(layer, prefix, writer)
             if rotated is not None:
                 rotated = advanced(rotated, layer.float())
@@ -113,7 +116,7 @@ def rotate_streamed(files: TensorFiles, hf_config: Any, family: DecoderFamily, c
         write_module(head, head_prefix, writer)
         actual = _logits(norm, head, rotated) if rotated is not None else None
 
-    section = rotation_section(config, hidden_size, online_specs, head_rotations=False)
+    section = rotation_section(config, hidden_size, online_specs, head_rotations=head_rotation is not None)
     if expected is not None:
         section["check"] = {"tokens": int(check_tokens.shape[-1]), "layer_by_layer": True,
                             "max_relative_logit_error": max_relative_error(actual, expected)}

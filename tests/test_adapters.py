@@ -18,11 +18,12 @@ LAYERS = 4
 PRE_NUM = {"lora": 0, "reslora-is": 1, "reslora-bs": 2, "reslora-ms": 2}
 
 
-def adapted_model(kind: str, name: str = "llama-untied", rotated: bool = True, **config_values) -> torch.nn.Module:
+def adapted_model(kind: str, name: str = "llama-untied", rotated: bool = True,
+                  rotation: RotationConfig = RotationConfig(), **config_values) -> torch.nn.Module:
     model = tiny_model(name, num_hidden_layers=LAYERS)
     family = family_for_model(model)
     if rotated:
-        rotate_model(model, family, RotationConfig())
+        rotate_model(model, family, rotation)
     config = AdapterConfig(kind, resolve_targets(None, family), rank=4, alpha=8.0, pre_num=PRE_NUM[kind],
                            **config_values)
     install_adapters(model, family, config, seed=0)
@@ -87,7 +88,7 @@ def test_zero_initialised_b_leaves_the_model_unchanged(kind: str) -> None:
 
 
 def test_online_rotated_projections_keep_their_rotation() -> None:
-    model = adapted_model("lora")
+    model = adapted_model("lora", rotation=RotationConfig(o_proj_rotation="online"))
     layer = decoder_layers(model, family_for_model(model))[0]
     assert layer.self_attn.o_proj.input_rotation is not None and layer.mlp.down_proj.input_rotation is not None
     assert layer.self_attn.q_proj.input_rotation is None

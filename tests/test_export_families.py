@@ -25,8 +25,13 @@ from rotaq.export.fused_graph import FUSED_LAYOUT, TRACED_LAYOUT
 from rotaq.export.genai_folder import check_genai_loads, genai_config, write_genai_config
 from tests.tiny_models import FUSED_OVERRIDES, TINY_CONFIGS, random_tokens, tiny_model
 
-CASES = [(name, rotated, layout) for layout in (FUSED_LAYOUT, TRACED_LAYOUT) for name in sorted(TINY_CONFIGS)
-         for rotated in (False, True) if (name, rotated, layout) != ("llama-tied", True, TRACED_LAYOUT)]
+# "rotated": the default rotation (R2 per value head offline, the down_proj Hadamard online); "online-blocks":
+# an online Hadamard before o_proj too, both block-diagonal (blocks of 4 divide every tiny width).
+ROTATIONS = {"plain": None, "rotated": RotationConfig(seed=1),
+             "online-blocks": RotationConfig(seed=1, o_proj_rotation="online", online_block=4)}
+CASES = [(name, rotation, layout) for layout in (FUSED_LAYOUT, TRACED_LAYOUT) for name in sorted(TINY_CONFIGS)
+         for rotation in ROTATIONS if (name, rotation, layout) != ("llama-tied", "rotated", TRACED_LAYOUT)
+         and (rotation != "online-blocks" or layout == FUSED_LAYOUT)]
 
 
 @dataclass
@@ -44,9 +49,9 @@ def export_tiny(model: torch.nn.Module, folder: Path, layout: str = TRACED_LAYOU
     return OnnxDecoder(folder)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{'rotated' if r else 'plain'}-{layout}" for n, r, layout in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{r}-{layout}" for n, r, layout in CASES])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    name, rotated, layout = request.param
+    name, rotation, layout = request.param
     if layout == FUSED_LAYOUT:
         # Built, not traced, so cheap: two layers (four for SmolLM3, whose 4th is a NoPE layer), the head
         # size GroupQueryAttention needs and a sliding window shorter than the prompts.
@@ -54,8 +59,8 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     else:
         # One layer keeps each dynamo export to seconds; the two-layer stage tests cover cache slots per layer.
         model = tiny_model(name, num_hidden_layers=1)
-    if rotated:
-        rotate_model(model, family_for_model(model), RotationConfig(seed=1))
+    if ROTATIONS[rotation] is not None:
+        rotate_model(model, family_for_model(model), ROTATIONS[rotation])
     return Exported(model, export_tiny(model, tmp_path_factory.mktemp(f"onnx-{name}"), layout))
 
 

@@ -56,7 +56,7 @@ def _learn(model: torch.nn.Module, steps: int, checkpoint: RotationCheckpoint | 
     config = RotationConfig(kind="learned", seed=3)
     settings = LearnSettings(W4A4, steps=steps, lr=lr, progress=False)
     windows = random_tokens(4, 16, seed=5) if windows is None else windows
-    return learn_rotations(model, family, windows, settings, start_rotations(model, family, 3, True),
+    return learn_rotations(model, family, windows, settings, start_rotations(model, family, config, True),
                            online_rotation_specs(model, family, config), checkpoint)
 
 
@@ -97,7 +97,7 @@ def test_width_without_hadamard_starts_from_a_random_rotation(caplog: pytest.Log
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with caplog.at_level(logging.WARNING):
-        start = start_rotations(model, family_for_model(model), 3, learn_heads=True)
+        start = start_rotations(model, family_for_model(model), RotationConfig(kind="learned", seed=3), learn_heads=True)
     assert "no Hadamard matrix of order 70" in caplog.text
     assert orthogonality_error(start.residual) < 1e-10 and start.residual.abs().max() < 0.9  # not a ±1/√n matrix
 
@@ -152,7 +152,7 @@ def _start_and_its_fold(name: str):
     model = tiny_model(name)
     family = family_for_model(model)
     config = RotationConfig(kind="learned", seed=3)
-    start = start_rotations(model, family, 3, True)
+    start = start_rotations(model, family, config, True)
     deployed = copy.deepcopy(model)
     rotate_model(deployed, family, config, start)
     return model, family, start, online_rotation_specs(model, family, config), deployed

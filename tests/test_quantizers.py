@@ -64,8 +64,8 @@ def test_parse_scheme_accepts_and_round_trips(name: str, wbits: int, abits: int,
 
 
 def test_w4a8_activations_follow_onnx_runtimes_int8_kernel() -> None:
-    """W4A8 quantizes activations per block of 32 along K, as MatMulNBits accuracy_level 4 does."""
-    assert parse_scheme("w4a8").act_block_size == 32 and parse_scheme("w8a8").act_block_size == 64
+    """W4A8 quantizes activations per block of 128 along K, as MatMulNBits accuracy_level 4 does."""
+    assert parse_scheme("w4a8").act_block_size == 128 and parse_scheme("w8a8").act_block_size == 64
     assert all(parse_scheme(name).act_block_size is None for name in ("w4a4", "w4a16-g128"))
     from rotaq.quantizers.quantize_model import activation_block
 

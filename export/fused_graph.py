@@ -341,24 +341,24 @@ class FusedBuilder:
         if rotation.block < n:
             # One block's matrix is at most a few hundred wide: one dense MatMul costs less than a second node.
             block = (_kron(factors) / math.sqrt(rotation.block)).astype(np.float32)
-            return self._grid_product(b, x, suffix, rotation.block, n, [("right_product", block, False)])
+            return self._grid_product(b, x, suffix, rotation.block, n, [("right", block, False)])
         left, right = two_factor_hadamard(factors)
         a = left.shape[0]
         right = (right / math.sqrt(right.shape[0])).astype(np.float32)
         if a == 1:
             return b.node("MatMul", [x, b.constant(f"{suffix}.matrix", right)], suffix)
         left_t = (left.T / math.sqrt(a)).astype(np.float32)
-        return self._grid_product(b, x, suffix, n // a, n, [("right_product", right, False), ("left_product", left_t, True)])
+        return self._grid_product(b, x, suffix, n // a, n, [("right", right, False), ("left", left_t, True)])
 
     def _grid_product(self, b: NodeBuilder, x: str, suffix: str, columns: int, n: int,
                       products: list[tuple[str, np.ndarray, bool]]) -> str:
-        """x [B, S, n] viewed as [B, S, n / columns, columns], multiplied by each matrix (on the left when its
-        flag says so), and flattened back."""
+        """x [B, S, n] viewed as [B, S, n / columns, columns], multiplied by each named matrix (on the left when
+        its flag says so, stored transposed as `<name>_t`), and flattened back."""
         grid = b.node("Reshape", [x, b.constant(f"{suffix}.grid_shape", np.array([0, 0, n // columns, columns], np.int64))],
                       f"{suffix}.grid")
         for name, matrix, on_left in products:
-            constant = b.constant(f"{suffix}.{name.removesuffix('_product')}{'_t' if on_left else ''}", matrix)
-            grid = b.node("MatMul", [constant, grid] if on_left else [grid, constant], f"{suffix}.{name}")
+            constant = b.constant(f"{suffix}.{name}_t" if on_left else f"{suffix}.{name}", matrix)
+            grid = b.node("MatMul", [constant, grid] if on_left else [grid, constant], f"{suffix}.{name}_product")
         return b.node("Reshape", [grid, b.constant(f"{suffix}.flat_shape", np.array([0, 0, n], np.int64))], suffix)
 
     # --- model --------------------------------------------------------------------------------------

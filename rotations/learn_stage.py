@@ -78,7 +78,7 @@ def learn_for_stage(options: RotateOptions, loaded: LoadedModel, config: Rotatio
     windows = load_split_windows(options.calibration, loaded.tokenizer, "calibration")
     model, family = loaded.model, loaded.family
     trajectory = {**settings.trajectory(), "model": str(options.model), "online": options.online,
-                  "o_proj_rotation": config.o_proj_rotation,
+                  "o_proj_rotation": config.o_proj_rotation, "online_block": config.online_block,
                   "calibration_sha256": windows_fingerprint(windows), "seq_len": int(windows.shape[1])}
     checkpoint = RotationCheckpoint(checkpoint_path(options), trajectory)
     start = start_rotations(model, family, config, settings.learn_heads)
